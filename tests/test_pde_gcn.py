@@ -1,0 +1,142 @@
+"""PDE-GCN model: shapes, parameter counts, adjoint use, exact rewrites."""
+import chex
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+from pdeq_jax import layers
+from pdeq_jax import models
+from pdeq_jax import operators
+from pdeq_jax.models import pde_gcn
+
+
+def _random_graph(num_nodes=12, num_edges=20, seed=0):
+  rng = np.random.default_rng(seed)
+  pairs = set()
+  while len(pairs) < num_edges:
+    i, j = rng.integers(0, num_nodes, 2)
+    if i != j:
+      pairs.add((min(i, j), max(i, j)))
+  s = np.array([p[0] for p in pairs] + [p[1] for p in pairs])
+  r = np.array([p[1] for p in pairs] + [p[0] for p in pairs])
+  w = np.asarray(operators.gcn_edge_weights(jnp.asarray(s), jnp.asarray(r),
+                                            num_nodes))
+  return jraph.GraphsTuple(nodes=None, edges=w, senders=s, receivers=r,
+                           n_node=np.array([num_nodes]),
+                           n_edge=np.array([len(s)]), globals=None)
+
+
+def _model(**kw):
+  opts = dict(width=8, depth=4, h=0.3, dropout_in=0.0, dropout_out=0.0)
+  opts.update(kw)
+  return models.create("pde_gcn", num_classes=3, **opts)
+
+
+def _count(params):
+  return sum(np.size(p) for p in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_shapes_and_parameter_counts(symmetric):
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  model = _model(symmetric=symmetric)
+  params = model.init(jax.random.PRNGKey(1), x, graph)["params"]
+  logits = model.apply({"params": params}, x, graph)
+  chex.assert_shape(logits, (12, 3))
+  np.testing.assert_allclose(jnp.exp(logits).sum(-1), 1.0, rtol=1e-5)
+  kernels = 4 * 8 * 8 * (1 if symmetric else 2)
+  expected = (5 * 8 + 8) + (8 * 3 + 3) + kernels + 2 * 4
+  assert _count(params) == expected
+  assert ("kernel_out" in params) == (not symmetric)
+
+
+def test_symmetric_model_has_about_half_the_kernel_parameters():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jnp.ones((12, 5))
+  count = lambda s: _count(
+      _model(symmetric=s, width=16, depth=8).init(jax.random.PRNGKey(0), x,
+                                                  graph)["params"])
+  ratio = count(True) / count(False)
+  assert 0.5 < ratio < 0.56, ratio
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_folding_edge_directions_is_exact(symmetric, quantized):
+  g = _random_graph()
+  folded = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=True)
+  both = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=False)
+  assert folded.senders.shape[0] * 2 == both.senders.shape[0]
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  model = _model(symmetric=symmetric, quantize_activations=quantized,
+                 kernel_noise=0.3, alpha_init=2.0)
+  params = model.init(jax.random.PRNGKey(1), x, folded)["params"]
+  bits = layers.QuantBits.make(None, 4 if quantized else None)
+  a = model.apply({"params": params}, x, folded, bits)
+  b = model.apply({"params": params}, x, both, bits)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_symmetric_layer_uses_the_adjoint_of_k_s():
+  """Eq. 23 by hand, with dense matrices: x - h Sᵀ Kᵀ tanh(K S x)."""
+  g = _random_graph(num_nodes=7, num_edges=9)
+  graph = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=False)
+  n, c = 7, 4
+  S = np.zeros((len(g.senders), n))
+  for e, (i, j, w) in enumerate(zip(g.senders, g.receivers, g.edges)):
+    S[e, i], S[e, j] = w, -w
+  kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (c, c)))
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (n, c)))
+  params = pde_gcn.LayerParams(jnp.asarray(kernel), None, jnp.ones(()),
+                               jnp.ones(()))
+  spec = pde_gcn.QuantSpec(activations=False)
+  got = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
+                              layers.FLOAT_BITS, spec, symmetric=True)
+  # rows are nodes: K acts on channels from the right
+  want = x - 0.2 * S.T @ np.tanh(S @ x @ kernel) @ kernel.T
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_equals_unrolled_and_hidden_states():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  m1 = _model(scan_layers=True, kernel_noise=0.2)
+  m2 = _model(scan_layers=False, kernel_noise=0.2)
+  params = m1.init(jax.random.PRNGKey(1), x, graph)["params"]
+  bits = layers.QuantBits.make(None, 4)
+  l1, h1 = m1.apply({"params": params}, x, graph, bits, return_hidden=True)
+  l2, h2 = m2.apply({"params": params}, x, graph, bits, return_hidden=True)
+  np.testing.assert_allclose(l1, l2, atol=1e-5)
+  chex.assert_shape(h1, (4, 12, 8))
+  np.testing.assert_allclose(h1, h2, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter_group():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  model = _model(symmetric=False, kernel_noise=0.2, alpha_init=1.0)
+  params = model.init(jax.random.PRNGKey(1), x, graph)["params"]
+  bits = layers.QuantBits.make(None, 4)
+  grads = jax.grad(lambda p: model.apply({"params": p}, x, graph, bits)[:, 0]
+                   .sum())(params)
+  for name in ("kernel", "kernel_out", "alpha_state", "alpha_act"):
+    assert float(jnp.abs(grads[name]).sum()) > 0, name
+
+
+def test_bad_inputs_raise():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  model = _model()
+  with pytest.raises(ValueError, match="features"):
+    model.init(jax.random.PRNGKey(0), jnp.ones((12,)), graph)
+  with pytest.raises(ValueError, match="nodes"):
+    model.init(jax.random.PRNGKey(0), jnp.ones((11, 5)), graph)
+  with pytest.raises(ValueError, match="unknown model"):
+    models.create("pde_gnc", 3)
+  g = _random_graph()
+  one_way = g._replace(senders=g.senders[:20], receivers=g.receivers[:20],
+                       edges=g.edges[:20], n_edge=np.array([20]))
+  with pytest.raises(ValueError, match="both"):
+    pde_gcn.GraphOperator.from_graph(one_way, fold_edge_directions=True)

@@ -1,0 +1,190 @@
+"""Machinery shared by every trainer: workdir, metrics, checkpoints, progress.
+
+Every run writes into its ``--workdir``:
+
+* ``config.json``: the resolved config (a resumed run must match it);
+* ``metrics.jsonl``: one JSON object per logged step/epoch;
+* ``checkpoints/``: Orbax checkpoints (the latest ``keep`` ones plus ``best``);
+* result tables (``*.md``) and plots (``*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def config_to_dict(config: Any) -> Dict[str, Any]:
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.to_dict()
+  return dict(config)
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+    arr = np.asarray(value)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+  return value
+
+
+def write_json(path: os.PathLike, obj: Any) -> None:
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+  tmp.replace(path)
+
+
+def prepare_workdir(workdir: os.PathLike, config: Any,
+                    resume_keys_ignored: Iterable[str] = ("num_epochs",)
+                    ) -> pathlib.Path:
+  """Creates ``workdir`` and records the config; refuses a mismatched resume.
+
+  A workdir that already holds a different config (apart from the keys in
+  ``resume_keys_ignored``, e.g. extending the number of epochs) raises
+  ValueError naming the differing keys, so that a resumed run can never
+  silently mix two experiments.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  new = _jsonable(config_to_dict(config))
+  path = workdir / "config.json"
+  if path.exists():
+    old = json.loads(path.read_text())
+    diffs = sorted(_diff_keys(old, new) - set(resume_keys_ignored))
+    if diffs:
+      raise ValueError(
+          f"workdir {workdir} holds a run with a different config "
+          f"(keys {diffs}); use a new --workdir or restore the config")
+  write_json(path, new)
+  return workdir
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = set()
+    for k in set(a) | set(b):
+      out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return set() if a == b else {prefix.rstrip(".")}
+
+
+class MetricWriter:
+  """Appends JSON lines to ``metrics.jsonl``; on resume drops stale lines.
+
+  Lines logged after the checkpoint a run resumes from would be duplicated by
+  the resumed run, so ``truncate_after(step)`` removes them first.
+  """
+
+  def __init__(self, workdir: os.PathLike, filename: str = "metrics.jsonl"):
+    self.path = pathlib.Path(workdir) / filename
+
+  def truncate_after(self, step: int, key: str = "step") -> None:
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get(key, -1) <= step]
+    self.path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, **metrics: Any) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(_jsonable(metrics), sort_keys=True) + "\n")
+
+  def read(self) -> list:
+    if not self.path.exists():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines()
+            if line.strip()]
+
+
+class Checkpointer:
+  """Orbax checkpoints of an arbitrary pytree (state + trainer bookkeeping)."""
+
+  def __init__(self, directory: os.PathLike, keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, tree: Any, *, force: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(tree), force=force)
+
+  def restore(self, target: Any, step: Optional[int] = None) -> Any:
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class Progress:
+  """Prints rate and ETA every ``every_s`` seconds (and on the last step)."""
+
+  def __init__(self, total: int, start: int = 0, unit: str = "step",
+               every_s: float = 5.0, stream=None, enabled: bool = True):
+    self.total, self.start, self.unit = total, start, unit
+    self.every_s = every_s
+    self.stream = stream or sys.stdout
+    self.enabled = enabled
+    self.t0 = time.perf_counter()
+    self.last_print = -math.inf
+
+  def rate(self, done: int) -> float:
+    elapsed = time.perf_counter() - self.t0
+    return (done - self.start) / elapsed if elapsed > 0 else 0.0
+
+  def update(self, done: int, extra: str = "", items_per_unit: int = 0,
+             item_name: str = "items") -> None:
+    now = time.perf_counter()
+    if not self.enabled:
+      return
+    if now - self.last_print < self.every_s and done < self.total:
+      return
+    self.last_print = now
+    rate = self.rate(done)
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    items = (f" {rate * items_per_unit:,.0f} {item_name}/s"
+             if items_per_unit else "")
+    print(f"[{done}/{self.total} {self.unit}s] {rate:.2f} {self.unit}s/s"
+          f"{items} ETA {format_seconds(eta)} {extra}", file=self.stream,
+          flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+def markdown_table(header: list, rows: list) -> str:
+  """A GitHub markdown table from a header and rows of cells."""
+  lines = ["| " + " | ".join(str(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"

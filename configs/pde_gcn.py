@@ -50,6 +50,7 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.name = dataset
   config.data.data_dir = ""      # "" -> $PDEQ_DATA_DIR or the download cache
+  config.data.sparse_features = True  # COO features: exact, much faster
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "pde_gcn"
@@ -64,6 +65,7 @@ def get_config(arg=None):
   config.model.kernel_noise = 1e-3
   config.model.fold_edge_directions = True
   config.model.scan_layers = True
+  config.model.remat_layers = True
 
   config.quant = ml_collections.ConfigDict()
   config.quant.weight_bits = weight_bits   # 32 = full precision

@@ -29,6 +29,7 @@ from pdeq_jax import models
 from pdeq_jax import quant
 from pdeq_jax.data import planetoid
 from pdeq_jax.models.pde_gcn import GraphOperator
+from pdeq_jax.models.pde_gcn import SparseFeatures
 from train import common
 
 FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
@@ -36,7 +37,7 @@ FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
 
 class NodeTask(NamedTuple):
   """Device-resident data of one graph."""
-  features: jax.Array
+  features: Any  # jax.Array or SparseFeatures
   labels: jax.Array
   graph: GraphOperator
   train_idx: jax.Array
@@ -51,7 +52,9 @@ def load_task(config: ml_collections.ConfigDict) -> NodeTask:
   graph = GraphOperator.from_graph(
       data.graph, fold_edge_directions=config.model.fold_edge_directions)
   idx = lambda m: jnp.asarray(np.flatnonzero(np.asarray(m)), jnp.int32)
-  return NodeTask(jnp.asarray(data.features), jnp.asarray(data.labels),
+  features = (SparseFeatures.from_dense(data.features)
+              if config.data.sparse_features else jnp.asarray(data.features))
+  return NodeTask(features, jnp.asarray(data.labels),
                   graph, idx(data.train_mask), idx(data.val_mask),
                   idx(data.test_mask), int(data.num_classes))
 

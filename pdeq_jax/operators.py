@@ -1,46 +1,77 @@
 """Linear operators of the stable networks and their adjoints (via ``jax.vjp``).
 
 The transpose ``Kᵀ`` of every operator is obtained in exactly one way: as the
-vector-Jacobian product of the linear map ``K`` (``adjoint``).  No second
-weight tensor, no hand-written transposed convolution.  This module holds:
+vector-Jacobian product of the linear map ``K`` (:func:`adjoint`).  There is
+no second weight tensor and no hand-written transposed convolution, so ``Kᵀ``
+shares ``K``'s (possibly quantized) weights exactly.  This module holds:
 
-* convolutions (NHWC inputs, HWIO kernels), depthwise and the separable
-  operator ``K_dw K_1x1`` of the stable MobileNetV2 (Eq. 22);
-* the weighted graph gradient of PDE-GCN, ``(S x)_e = w_e (x_i - x_j)``, and
-  its adjoint, the weighted divergence;
+* convolutions (NHWC inputs, HWIO kernels), depthwise convolutions and the
+  separable operator ``K = K_dw K_1x1`` of the stable MobileNetV2 (Eq. 22);
+* the weighted graph gradient of PDE-GCN, ``(S x)_e = w_e (x_i - x_j)`` with
+  ``w_ij = 1/sqrt(d_i d_j)`` (degrees of ``A + I``), and its adjoint, the
+  weighted divergence (Eq. 23);
 * the symmetric step ``x - h Kᵀ σ(K x)`` (Eq. 6), the channel growth of
-  Eq. 20, 2x2 average pooling;
-* ``spectral_norm`` by power iteration and the stability margin
-  ``h L ||K||² < 2`` of each layer.
+  Eq. 20 and 2x2 average pooling (the stable nets' resolution change);
+* :func:`spectral_norm` by power iteration on ``KᵀK`` and the per-layer
+  stability margin ``h L ||K||₂² < 2`` (Sec. 4).
+
+All functions are pure and jit-able (shapes, strides, paddings and node
+counts are static).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence
+import functools
+from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
+                    Sequence, Union)
 
 import jax
 import jax.numpy as jnp
+import jraph
+import numpy as np
 
 Array = jax.Array
 LinearFn = Callable[[Array], Array]
+Padding = Union[str, Sequence[tuple]]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _check_rank(value: Array, rank: int, name: str, layout: str) -> None:
+def _check_rank(value: Any, rank: int, name: str, layout: str) -> None:
+  """Raises ``ValueError`` unless ``value`` has the given rank."""
   if jnp.ndim(value) != rank:
     raise ValueError(f"{name} must have rank {rank} ({layout}), got shape "
                      f"{jnp.shape(value)}")
 
 
-def conv(x: Array, kernel: Array, *, stride: int = 1, padding: Any = "SAME",
+# ----------------------------------------------------------------------------
+# Convolutions and the adjoint mechanism.
+
+
+def conv(x: Array, kernel: Array, *, stride: int = 1, padding: Padding = "SAME",
          feature_group_count: int = 1) -> Array:
-  """2-D convolution, NHWC input and HWIO kernel."""
+  """2-D convolution of an NHWC input with an HWIO kernel.
+
+  A thin wrapper over ``jax.lax.conv_general_dilated``.
+
+  Args:
+    x: input, ``[N, H, W, C_in]``.
+    kernel: ``[kh, kw, C_in / feature_group_count, C_out]``.
+    stride: the same stride along height and width.
+    padding: ``'SAME'``, ``'VALID'`` or explicit ``((lo, hi), (lo, hi))``.
+    feature_group_count: grouped convolution (``C_in`` for depthwise).
+
+  Returns:
+    ``[N, H', W', C_out]``.
+  """
   _check_rank(x, 4, "x", "NHWC")
   _check_rank(kernel, 4, "kernel", "HWIO")
   if x.shape[-1] != kernel.shape[2] * feature_group_count:
-    raise ValueError(f"x has {x.shape[-1]} channels but kernel expects "
-                     f"{kernel.shape[2]} x {feature_group_count} groups")
+    raise ValueError(f"x has {x.shape[-1]} channels but kernel (HWIO "
+                     f"{kernel.shape}) expects {kernel.shape[2]} x "
+                     f"{feature_group_count} group(s)")
+  if stride < 1:
+    raise ValueError(f"stride must be >= 1, got {stride}")
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
       dimension_numbers=_DIMENSION_NUMBERS,
@@ -49,33 +80,103 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: Any = "SAME",
 
 def adjoint(linear_fn: LinearFn, x_shape: Sequence[int],
             dtype: Any = jnp.float32) -> LinearFn:
-  """``y -> Kᵀ y`` for the linear map ``K = linear_fn``, via ``jax.vjp``."""
+  """``y -> Kᵀ y`` for the linear map ``K = linear_fn``, via ``jax.vjp``.
+
+  This is the project's only adjoint mechanism.  Because ``K`` is linear its
+  vjp does not depend on the linearisation point, so zeros are used (under
+  ``jit`` the forward evaluation at zeros is dead code and removed).
+
+  Args:
+    linear_fn: a linear map taking arrays of shape ``x_shape``.
+    x_shape: the shape of ``K``'s input.
+    dtype: the dtype of ``K``'s input.
+
+  Returns:
+    A function mapping an array shaped like ``K``'s output to ``Kᵀ y``
+    (shaped ``x_shape``).
+  """
   _, vjp = jax.vjp(linear_fn, jnp.zeros(tuple(x_shape), dtype))
   return lambda y: vjp(y)[0]
 
 
 def conv_adjoint(conv_fn: LinearFn, x_shape: Sequence[int],
                  dtype: Any = jnp.float32) -> LinearFn:
-  """Kᵀ of a convolution ``conv_fn`` (a transposed convolution sharing K)."""
+  """``Kᵀ`` of a convolution ``conv_fn`` (a transposed convolution sharing K).
+
+  Same as :func:`adjoint`; kept under this name for the public API.
+  """
   return adjoint(conv_fn, x_shape, dtype)
 
 
-def depthwise_conv(x: Array, kernel_dw: Array, *, stride: int = 1) -> Array:
-  """Depthwise convolution; ``kernel_dw`` is [kh, kw, 1, C]."""
+def depthwise_conv(x: Array, kernel_dw: Array, *, stride: int = 1,
+                   padding: Padding = "SAME") -> Array:
+  """Depthwise convolution (no channel mixing); ``kernel_dw`` is [kh, kw, 1, C].
+
+  Implemented as :func:`conv` with ``feature_group_count = C``.
+  """
+  _check_rank(x, 4, "x", "NHWC")
   _check_rank(kernel_dw, 4, "kernel_dw", "HW1C")
-  if kernel_dw.shape[2] != 1:
-    raise ValueError(f"kernel_dw must be [kh, kw, 1, C], got {kernel_dw.shape}")
-  return conv(x, kernel_dw, stride=stride, feature_group_count=x.shape[-1])
+  if kernel_dw.shape[2] != 1 or kernel_dw.shape[3] != x.shape[-1]:
+    raise ValueError(f"kernel_dw must be [kh, kw, 1, C] with C = "
+                     f"{x.shape[-1]} (the channels of x), got "
+                     f"{kernel_dw.shape}")
+  return conv(x, kernel_dw, stride=stride, padding=padding,
+              feature_group_count=x.shape[-1])
 
 
 def separable_operator(x: Array, kernel_1x1: Array, kernel_dw: Array) -> Array:
-  """``K = K_dw K_1x1`` (Eq. 22): a 1x1 convolution, then a depthwise one."""
+  """``K x = K_dw (K_1x1 x)``: the operator of the stable MobileNetV2 (Eq. 22).
+
+  First a 1x1 convolution (``kernel_1x1``: [1, 1, C, C_exp], usually an
+  expansion), then a depthwise 3x3 'SAME' convolution on the expanded channels
+  (``kernel_dw``: [3, 3, 1, C_exp]).  In the paper's notation this is
+  ``K_dw² K_1x1¹``: the superscripts are the layer indices of Eq. 21, not
+  powers.  The "depthwise operation applied twice" of Sec. 4.2 is ``K_dw`` in
+  ``K`` and ``K_dwᵀ`` in ``Kᵀ`` within one step ``x - Kᵀ σ(K x)``; use
+  :func:`separable_adjoint` (or :func:`symmetric_update`) for ``Kᵀ``.
+  """
+  _check_rank(kernel_1x1, 4, "kernel_1x1", "HWIO")
+  if kernel_1x1.shape[:2] != (1, 1):
+    raise ValueError(f"kernel_1x1 must be [1, 1, C_in, C_out], got "
+                     f"{kernel_1x1.shape}")
   return depthwise_conv(conv(x, kernel_1x1), kernel_dw)
 
 
+def separable_adjoint(kernel_1x1: Array, kernel_dw: Array,
+                      x_shape: Sequence[int], dtype: Any = jnp.float32
+                      ) -> LinearFn:
+  """``y -> K_1x1ᵀ K_dwᵀ y``, the adjoint of :func:`separable_operator`."""
+  return adjoint(lambda v: separable_operator(v, kernel_1x1, kernel_dw),
+                 x_shape, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Symmetric (stable) steps and the channel / resolution changes.
+
+
 def symmetric_update(x: Array, linear_fn: LinearFn, h: Any,
-                     act: Callable[[Array], Array]) -> Array:
-  """``x - h Kᵀ act(K x)`` for any linear map ``K``; ``Kᵀ`` via ``jax.vjp``."""
+                     act: Callable[[Array], Array],
+                     x_shape: Optional[Sequence[int]] = None) -> Array:
+  """``x - h Kᵀ act(K x)`` for any linear map ``K``; ``Kᵀ`` via ``jax.vjp``.
+
+  Used for convolutions (:func:`symmetric_step`), the separable operator of
+  the stable MobileNetV2 and ``K S`` of PDE-GCN.  The vjp is taken at ``x``
+  itself, which for a linear map equals :func:`adjoint` and saves evaluating
+  ``K`` twice.
+
+  Args:
+    x: the state ``x_j``.
+    linear_fn: ``K``.
+    h: the step size (scalar, may be traced).
+    act: the activation ``σ`` (for stability: monotone with ``σ' <= L``).
+    x_shape: optional expected shape of ``x`` (checked when given).
+
+  Returns:
+    ``x_{j+1}``, shaped like ``x``.
+  """
+  if x_shape is not None and tuple(x_shape) != tuple(x.shape):
+    raise ValueError(f"x has shape {x.shape}, expected x_shape "
+                     f"{tuple(x_shape)}")
   y, k_transpose = jax.vjp(linear_fn, x)
   (update,) = k_transpose(act(y))
   return x - h * update
@@ -83,28 +184,43 @@ def symmetric_update(x: Array, linear_fn: LinearFn, h: Any,
 
 def symmetric_step(x: Array, kernel: Array, h: Any,
                    act: Callable[[Array], Array]) -> Array:
-  """Eq. 6 for a 3x3 'SAME' convolution: ``x - h Kᵀ act(K x)``."""
+  """Eq. 6 for a stride-1 'SAME' convolution: ``x - h Kᵀ act(K x)``.
+
+  Args:
+    x: ``[N, H, W, C]``.
+    kernel: HWIO ``[kh, kw, C, C_out]``, odd ``kh, kw`` (3x3 in the paper).
+      ``C_out`` may differ from ``C`` (a bottleneck ``K``, Sec. 2.1); the
+      step itself maps C channels to C channels.
+    h: step size.
+    act: activation.
+  """
+  _check_rank(x, 4, "x", "NHWC")
   _check_rank(kernel, 4, "kernel", "HWIO")
-  if kernel.shape[2] != kernel.shape[3]:
-    raise ValueError(f"symmetric_step needs a square kernel (in == out "
-                     f"channels), got {kernel.shape}")
+  if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+    raise ValueError(f"kernel must have odd spatial size for a 'SAME' step, "
+                     f"got {kernel.shape}")
   return symmetric_update(x, lambda v: conv(v, kernel), h, act)
 
 
 def grow_channels(x_prev: Array, x_new: Array, n_out: int) -> Array:
   """Channel change of Eq. 20: ``concat(x_new, x_prev[..., :n_out - n_in])``.
 
-  ``x_new`` is the updated state ``x_j + h F(x_j)`` with ``n_in`` channels;
-  the extra ``n_out - n_in`` channels are copied from the block's input.
-  Requires ``n_in <= n_out <= 2 n_in``.
+  ``x_prev`` is the block input ``x_j`` and ``x_new`` the updated state
+  ``x_j + h F(x_j)`` (``n_in`` channels, last axis); the output keeps
+  ``x_new`` in its first ``n_in`` channels and appends the first
+  ``n_out - n_in`` channels of ``x_j``.  Requires ``n_in <= n_out <= 2 n_in``.
   """
   n_in = x_new.shape[-1]
   if not n_in <= n_out <= 2 * n_in:
     raise ValueError(f"channel change needs n_in <= n_out <= 2 n_in, got "
-                     f"n_in={n_in}, n_out={n_out}")
+                     f"n_in={n_in}, n_out={n_out} (allowed n_out in "
+                     f"[{n_in}, {2 * n_in}])")
+  if x_prev.shape[:-1] != x_new.shape[:-1]:
+    raise ValueError(f"x_prev {x_prev.shape} and x_new {x_new.shape} must "
+                     "agree in all but the channel axis")
   if x_prev.shape[-1] < n_out - n_in:
     raise ValueError(f"x_prev has {x_prev.shape[-1]} channels, fewer than the "
-                     f"{n_out - n_in} to copy")
+                     f"n_out - n_in = {n_out - n_in} to copy")
   return jnp.concatenate([x_new, x_prev[..., : n_out - n_in]], axis=-1)
 
 
@@ -113,7 +229,8 @@ def avg_pool2x2(x: Array) -> Array:
   _check_rank(x, 4, "x", "NHWC")
   n, hh, ww, c = x.shape
   if hh % 2 or ww % 2:
-    raise ValueError(f"avg_pool2x2 needs even height and width, got {x.shape}")
+    raise ValueError(f"avg_pool2x2 needs even height and width, got x of "
+                     f"shape {x.shape}")
   return x.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
@@ -122,31 +239,55 @@ def avg_pool2x2(x: Array) -> Array:
 
 
 def gcn_edge_weights(senders: Array, receivers: Array, num_nodes: int) -> Array:
-  """``w_ij = 1/sqrt(d_i d_j)`` with degrees of ``A + I`` (edges as given)."""
-  ones = jnp.ones(senders.shape, jnp.float32)
+  """``w_e = 1/sqrt(d_i d_j)`` for edge ``e = (i, j)``, degrees of ``A + I``.
+
+  ``A`` is the adjacency given by the edge list (``A[s, r] += 1`` per edge);
+  ``d_i = sum_j A[i, j] + 1``.  For a graph holding both directions of every
+  edge this is the usual symmetric GCN normalisation.  ``num_nodes`` is static.
+  """
+  _check_rank(senders, 1, "senders", "[num_edges]")
+  _check_rank(receivers, 1, "receivers", "[num_edges]")
+  ones = jnp.ones(jnp.shape(senders), jnp.float32)
   degree = jax.ops.segment_sum(ones, senders, num_nodes) + 1.0
   return jax.lax.rsqrt(degree[senders] * degree[receivers])
 
 
 def _check_graph(x: Array, senders: Array, receivers: Array,
-                 edge_weight: Array) -> None:
-  _check_rank(x, 2, "x", "[num_nodes, channels]")
-  if not senders.shape == receivers.shape == edge_weight.shape:
-    raise ValueError(f"senders {senders.shape}, receivers {receivers.shape} "
-                     f"and edge_weight {edge_weight.shape} must have one "
-                     "entry per edge")
+                 edge_weight: Array, x_name: str, x_layout: str) -> None:
+  _check_rank(x, 2, x_name, x_layout)
+  _check_rank(senders, 1, "senders", "[num_edges]")
+  if not (jnp.shape(senders) == jnp.shape(receivers)
+          == jnp.shape(edge_weight)):
+    raise ValueError(f"senders {jnp.shape(senders)}, receivers "
+                     f"{jnp.shape(receivers)} and edge_weight "
+                     f"{jnp.shape(edge_weight)} must have one entry per edge")
+
+
+def _gradient_impl(x, senders, receivers, edge_weight):
+  return edge_weight[:, None] * (x[senders] - x[receivers])
+
+
+def _divergence_impl(e, senders, receivers, edge_weight, num_nodes):
+  we = edge_weight[:, None] * e
+  return (jax.ops.segment_sum(we, senders, num_nodes)
+          - jax.ops.segment_sum(we, receivers, num_nodes))
+
+
+# The gradient and the divergence are a custom_vjp pair, each the other's
+# transpose: the vjp of S is two segment sums (rather than XLA's generic
+# transpose of two gathers, ~1.5x slower on CPU at Cora size), and the vjp of
+# Sᵀ is S again, so reverse-over-reverse (training through Sᵀ) stays on the
+# fast path.  Tests check both against plain autodiff of the gather formula.
 
 
 @jax.custom_vjp
 def _graph_gradient(x, senders, receivers, edge_weight):
-  w = edge_weight[:, None]
-  return w * (x[senders] - x[receivers])
+  return _gradient_impl(x, senders, receivers, edge_weight)
 
 
-def _graph_divergence_impl(e, senders, receivers, edge_weight, num_nodes):
-  we = edge_weight[:, None] * e
-  out = jax.ops.segment_sum(we, senders, num_nodes)
-  return out - jax.ops.segment_sum(we, receivers, num_nodes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _graph_divergence(e, senders, receivers, edge_weight, num_nodes):
+  return _divergence_impl(e, senders, receivers, edge_weight, num_nodes)
 
 
 def _graph_gradient_fwd(x, senders, receivers, edge_weight):
@@ -156,33 +297,105 @@ def _graph_gradient_fwd(x, senders, receivers, edge_weight):
 
 def _graph_gradient_bwd(res, g):
   x, senders, receivers, edge_weight = res
-  grad_x = _graph_divergence_impl(g, senders, receivers, edge_weight,
-                                  x.shape[0])
+  grad_x = _graph_divergence(g, senders, receivers, edge_weight, x.shape[0])
   grad_w = jnp.sum(g * (x[senders] - x[receivers]), axis=-1)
-  return grad_x, None, None, grad_w
+  return (grad_x.astype(x.dtype), None, None,
+          grad_w.astype(edge_weight.dtype))
+
+
+def _graph_divergence_fwd(e, senders, receivers, edge_weight, num_nodes):
+  return (_graph_divergence(e, senders, receivers, edge_weight, num_nodes),
+          (e, senders, receivers, edge_weight))
+
+
+def _graph_divergence_bwd(num_nodes, res, g):
+  del num_nodes
+  e, senders, receivers, edge_weight = res
+  grad_e = _graph_gradient(g, senders, receivers, edge_weight)
+  grad_w = jnp.sum(e * (g[senders] - g[receivers]), axis=-1)
+  return (grad_e.astype(e.dtype), None, None,
+          grad_w.astype(edge_weight.dtype))
 
 
 _graph_gradient.defvjp(_graph_gradient_fwd, _graph_gradient_bwd)
+_graph_divergence.defvjp(_graph_divergence_fwd, _graph_divergence_bwd)
 
 
 def graph_gradient(x: Array, senders: Array, receivers: Array,
                    edge_weight: Array) -> Array:
   """``(S x)_e = w_e (x[senders_e] - x[receivers_e])``: [N, C] -> [E, C].
 
-  Its vjp (hence ``adjoint(graph_gradient)``) is the weighted divergence,
-  written with two segment sums rather than XLA's generic scatter of a gather
-  transpose.
+  Differentiable in ``x`` and ``edge_weight``; its vjp in ``x`` is
+  :func:`graph_divergence`.
   """
-  _check_graph(x, senders, receivers, edge_weight)
+  _check_graph(x, senders, receivers, edge_weight, "x", "[num_nodes, channels]")
   return _graph_gradient(x, senders, receivers, edge_weight)
 
 
 def graph_divergence(e: Array, senders: Array, receivers: Array,
                      edge_weight: Array, num_nodes: int) -> Array:
-  """``Sᵀ e``, the adjoint of ``graph_gradient``, obtained via ``jax.vjp``."""
+  """``Sᵀ e``, the adjoint of :func:`graph_gradient`: [E, C] -> [N, C].
+
+  ``(Sᵀ e)_i = sum_{e: s_e = i} w_e e_e - sum_{e: r_e = i} w_e e_e``.  This is
+  literally ``jax.vjp`` of :func:`graph_gradient` (:func:`adjoint`), which
+  dispatches to the segment-sum implementation.  Summed over nodes it is 0.
+  """
+  _check_graph(e, senders, receivers, edge_weight, "e", "[num_edges, channels]")
   x_shape = (num_nodes, e.shape[-1])
-  return adjoint(lambda x: graph_gradient(x, senders, receivers, edge_weight),
+  return adjoint(lambda x: _graph_gradient(x, senders, receivers, edge_weight),
                  x_shape, e.dtype)(e)
+
+
+def _graph_edge_weight(graph: jraph.GraphsTuple,
+                       edge_weight: Optional[Array], num_nodes: int) -> Array:
+  if edge_weight is not None:
+    return edge_weight
+  edges = graph.edges
+  if edges is not None and jnp.shape(edges) in ((jnp.shape(graph.senders)[0],),
+                                                (jnp.shape(graph.senders)[0],
+                                                 1)):
+    return jnp.reshape(edges, (-1,))
+  return gcn_edge_weights(graph.senders, graph.receivers, num_nodes)
+
+
+def graph_num_nodes(graph: jraph.GraphsTuple) -> int:
+  """The (static) node count of a ``GraphsTuple``.
+
+  From ``graph.nodes`` when present, else ``sum(n_node)`` (must be concrete).
+  """
+  if graph.nodes is not None:
+    return int(jax.tree_util.tree_leaves(graph.nodes)[0].shape[0])
+  return int(np.sum(np.asarray(graph.n_node)))
+
+
+def with_gcn_edge_weights(graph: jraph.GraphsTuple,
+                          num_nodes: Optional[int] = None
+                          ) -> jraph.GraphsTuple:
+  """``graph`` with ``edges`` replaced by the ``1/sqrt(d_i d_j)`` weights."""
+  n = graph_num_nodes(graph) if num_nodes is None else num_nodes
+  return graph._replace(edges=gcn_edge_weights(
+      jnp.asarray(graph.senders), jnp.asarray(graph.receivers), n))
+
+
+def graph_gradient_from_graph(x: Array, graph: jraph.GraphsTuple,
+                              edge_weight: Optional[Array] = None) -> Array:
+  """:func:`graph_gradient` on a ``GraphsTuple``.
+
+  Edge weights: ``edge_weight`` if given, else ``graph.edges`` when it holds
+  one scalar per edge, else :func:`gcn_edge_weights`.
+  """
+  _check_rank(x, 2, "x", "[num_nodes, channels]")
+  w = _graph_edge_weight(graph, edge_weight, x.shape[0])
+  return graph_gradient(x, graph.senders, graph.receivers, w)
+
+
+def graph_divergence_from_graph(e: Array, graph: jraph.GraphsTuple,
+                                edge_weight: Optional[Array] = None,
+                                num_nodes: Optional[int] = None) -> Array:
+  """:func:`graph_divergence` on a ``GraphsTuple`` (weights as above)."""
+  n = graph_num_nodes(graph) if num_nodes is None else num_nodes
+  w = _graph_edge_weight(graph, edge_weight, n)
+  return graph_divergence(e, graph.senders, graph.receivers, w, n)
 
 
 # ----------------------------------------------------------------------------
@@ -192,7 +405,24 @@ def graph_divergence(e: Array, senders: Array, receivers: Array,
 def spectral_norm(linear_fn: LinearFn, x_shape: Sequence[int], iters: int = 50,
                   key: Optional[Array] = None, dtype: Any = jnp.float32
                   ) -> Array:
-  """Largest singular value of ``linear_fn`` by power iteration on ``KᵀK``."""
+  """Largest singular value of ``linear_fn`` by power iteration on ``KᵀK``.
+
+  ``Kᵀ`` comes from :func:`adjoint`.  Returns ``||K v||`` for the final unit
+  iterate ``v``: a lower bound on ``||K||₂`` that converges from below (the
+  error decays like ``(σ₂/σ₁)^(4 iters)``).  Jit-able with static
+  ``x_shape``/``iters``.
+
+  Args:
+    linear_fn: ``K``.
+    x_shape: the shape of ``K``'s input (include a batch axis for convs; the
+      norm of a convolution depends on the image size and padding).
+    iters: power iterations (static, >= 1).
+    key: PRNG key for the start vector (default ``PRNGKey(0)``).
+    dtype: the input dtype.
+
+  Returns:
+    A float scalar array.
+  """
   if iters < 1:
     raise ValueError(f"iters must be >= 1, got {iters}")
   key = jax.random.PRNGKey(0) if key is None else key
@@ -202,35 +432,85 @@ def spectral_norm(linear_fn: LinearFn, x_shape: Sequence[int], iters: int = 50,
 
   def body(_, v):
     w = k_transpose(linear_fn(v))
-    return w / (jnp.linalg.norm(w) + 1e-30)
+    return w / (jnp.linalg.norm(w) + jnp.finfo(dtype).tiny)
 
   v = jax.lax.fori_loop(0, iters, body, v)
   return jnp.linalg.norm(linear_fn(v))
 
 
 class StabilityMargin(NamedTuple):
-  """``h L ||K||²`` of one layer; the forward step contracts when it is < 2."""
-  spectral_norm: float
-  h_l_norm_sq: float
-  stable: bool
+  """Stability of one symmetric step ``x - h Kᵀ σ(K x)`` with ``σ' <= L``.
+
+  Attributes:
+    spectral_norm: ``||K||₂``.
+    h_l_norm_sq: ``h L ||K||₂²``; the step's Jacobian ``I - h Kᵀ D K`` has its
+      eigenvalues in ``(-1, 1]`` when this is ``< 2``.
+    stable: ``h_l_norm_sq < 2``.
+    h_max: the largest stable step, ``2 / (L ||K||₂²)``.
+  """
+  spectral_norm: Array
+  h_l_norm_sq: Array
+  stable: Array
+  h_max: Array
 
 
-def stability_margin(linear_fn: LinearFn, x_shape: Sequence[int], h: float,
-                     lipschitz: float = 1.0, iters: int = 50
+def stability_margin(kernel_or_linear_fn: Union[Array, LinearFn],
+                     x_shape: Sequence[int], h: Any, lipschitz: float = 1.0,
+                     iters: int = 50, key: Optional[Array] = None
                      ) -> StabilityMargin:
-  norm = float(spectral_norm(linear_fn, x_shape, iters))
+  """Margin ``h L ||K||₂² < 2`` of one layer.
+
+  Args:
+    kernel_or_linear_fn: an HWIO kernel (taken as a stride-1 'SAME'
+      convolution) or any linear map.
+    x_shape: the input shape of ``K``.
+    h: step size.
+    lipschitz: ``L``, a bound on ``σ'`` (1 for ReLU and tanh).
+    iters: power iterations.
+    key: PRNG key for the power iteration.
+
+  Returns:
+    A :class:`StabilityMargin` of scalar arrays (jit-able).
+  """
+  if callable(kernel_or_linear_fn):
+    linear_fn = kernel_or_linear_fn
+  else:
+    kernel = kernel_or_linear_fn
+    _check_rank(kernel, 4, "kernel", "HWIO")
+    linear_fn = lambda v: conv(v, kernel)
+  norm = spectral_norm(linear_fn, x_shape, iters, key)
   value = h * lipschitz * norm ** 2
-  return StabilityMargin(norm, value, value < 2.0)
+  return StabilityMargin(norm, value, value < 2.0,
+                         2.0 / (lipschitz * norm ** 2))
 
 
-def stability_report(kernels: Dict[str, Array], x_shape_fn: Callable[[Array],
-                                                                      Sequence[int]],
-                     h: float, lipschitz: float = 1.0, iters: int = 50
-                     ) -> Iterable[Dict[str, Any]]:
-  """One row per named 3x3 kernel: ``||K||``, ``h L ||K||²``, stable or not."""
+def stability_report(named_kernels: Mapping[str, Union[Array, LinearFn]],
+                     x_shape_fn: Union[Sequence[int],
+                                       Callable[[Any], Sequence[int]]],
+                     h: Any, lipschitz: float = 1.0, iters: int = 50
+                     ) -> List[Dict[str, Any]]:
+  """One row per layer: ``||K||₂``, ``h L ||K||₂²``, stable or not, ``h_max``.
+
+  Args:
+    named_kernels: layer name -> HWIO kernel (a 'SAME' stride-1 conv) or a
+      linear map.
+    x_shape_fn: the input shape of every layer, or a function of the kernel
+      (or linear map) returning it, e.g.
+      ``lambda k: (1, 32, 32, k.shape[2])``.
+    h: step size (one for all layers) or a mapping name -> step size.
+    lipschitz: ``L``.
+    iters: power iterations.
+
+  Returns:
+    A list of dicts with keys ``layer``, ``spectral_norm``, ``h``,
+    ``h_l_norm_sq``, ``stable`` and ``h_max`` (Python floats / bools).
+  """
   rows = []
-  for name, kernel in kernels.items():
-    m = stability_margin(lambda v, k=kernel: conv(v, k), x_shape_fn(kernel), h,
-                         lipschitz, iters)
-    rows.append({"layer": name, **m._asdict()})
+  for name, kernel in named_kernels.items():
+    x_shape = x_shape_fn(kernel) if callable(x_shape_fn) else x_shape_fn
+    h_layer = h[name] if isinstance(h, Mapping) else h
+    m = stability_margin(kernel, x_shape, h_layer, lipschitz, iters)
+    rows.append({"layer": name, "spectral_norm": float(m.spectral_norm),
+                 "h": float(h_layer), "h_l_norm_sq": float(m.h_l_norm_sq),
+                 "stable": bool(m.stable), "h_max": float(m.h_max)})
   return rows

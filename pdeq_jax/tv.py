@@ -1,105 +1,341 @@
-"""Total-variation smoothing as a non-pointwise activation (Sec. 3, Eq. 14).
+"""Total-variation (TV) smoothing as a non-pointwise activation (Sec. 3, Eq.14).
 
-``S(x) = x - γ² (D_x + D_y) x`` with ``D_x = G_xᵀ W_x G_x`` and
-``W_x = diag(1 / (|G_x x| + ε))``; ``G_x``, ``G_y`` are forward differences
-``[-1, 1]`` along width and height, applied per channel (no channel mixing)
-with a zero-flux boundary: only the ``W-1`` (``H-1``) interior differences
-exist, so ``Gᵀ`` sums to zero and ``S`` conserves the mass of every channel.
+All functions take NHWC arrays and act on every channel of every example
+independently (no channel or batch mixing). With the forward differences
 
-At inference ``W G x ≈ sign(G x)`` (the ε → 0 limit), so
-``S(x) ≈ x - γ² (G_xᵀ sign(G_x x) + G_yᵀ sign(G_y x))``: additions and a sign.
-All arrays are NHWC.
+  (G_x x)[n, i, j, c] = x[n, i, j + 1, c] - x[n, i, j, c],   j = 0 .. W-2,
+  (G_y x)[n, i, j, c] = x[n, i + 1, j, c] - x[n, i, j, c],   i = 0 .. H-2,
+
+(the stencil [-1, 1]; only W-1 / H-1 differences exist, which is the
+zero-flux / Neumann boundary), one TV step of Eq. 14 reads
+
+  S(x) = x - γ² (D_x + D_y) x,     D_x = G_xᵀ W_x G_x,
+  W_x = diag(1 / (|G_x x| + ε)),   D_y likewise,
+
+so D_x x = G_xᵀ (G_x x / (|G_x x| + ε)). This is exactly one gradient-descent
+step of size γ² on the ε-smoothed anisotropic TV
+
+  Φ_ε(x) = Σ φ_ε(G_x x) + Σ φ_ε(G_y x),   φ_ε(t) = |t| - ε log(1 + |t| / ε),
+
+because φ_ε'(t) = t / (|t| + ε); see `smoothed_total_variation`. At inference
+W G x ≈ sign(G x) (the limit ε → 0), giving the multiplication-free form
+
+  S₀(x) = x - γ² (G_xᵀ sign(G_x x) + G_yᵀ sign(G_y x)).
+
+Properties (tested in tests/test_tv.py):
+
+* Mass conservation: Σ_{i,j} (x - S(x)) = 0 per example and channel, since
+  every column sum of G_xᵀ, G_yᵀ vanishes (zero flux through the boundary).
+* Jacobian of the ε-form: J = I - γ² Gᵀ diag(φ_ε''(G x)) G with
+  φ_ε''(t) = ε / (|t| + ε)² ∈ (0, 1/ε]. J is symmetric with eigenvalues in
+  [1 - 8 γ² / ε, 1] (‖G_xᵀG_x + G_yᵀG_y‖ ≤ 8), and eigenvalue exactly 1 on maps
+  that are constant per channel. Hence ‖J‖₂ = 1 (non-expansive, the paper's
+  "Jacobian norm smaller than 1" up to the constant mode that TV cannot damp)
+  whenever γ² ≤ ε / 4, and ‖J‖₂ ≤ max(1, 8 γ² / ε - 1) always. Locally the
+  condition is milder: only differences with (|t| + ε)² < 4 γ² ε can expand.
+* The sign form is piecewise affine with Jacobian I almost everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+ArrayLike = Any
+
+__all__ = [
+    "forward_diff_x",
+    "forward_diff_y",
+    "forward_diff_x_adjoint",
+    "forward_diff_y_adjoint",
+    "tv_smooth",
+    "tv_smooth_sign",
+    "total_variation",
+    "smoothed_total_variation",
+    "tv_jacobian_norm",
+    "tv_jacobian_bound",
+]
 
 
-def _check_nhwc(x: Array) -> None:
-  if jnp.ndim(x) != 4:
-    raise ValueError(f"x must be NHWC (rank 4), got shape {jnp.shape(x)}")
+# ----------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------
 
 
-def _check_gamma(gamma: Any) -> None:
+def _as_nhwc(x: ArrayLike, name: str = "x") -> Array:
+  """Returns `x` as a floating rank-4 array or raises ValueError."""
+  x = jnp.asarray(x)
+  if x.ndim != 4:
+    raise ValueError(
+        f"`{name}` must be a rank-4 array in NHWC layout "
+        f"(batch, height, width, channels); got rank {x.ndim} with shape "
+        f"{tuple(x.shape)}.")
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(jnp.result_type(float))
+  return x
+
+
+def _check_eps(eps: ArrayLike) -> None:
+  """Raises ValueError when `eps` is concrete and not strictly positive."""
+  if jnp.ndim(eps) != 0:
+    raise ValueError(f"`eps` must be a scalar > 0; got shape {jnp.shape(eps)}.")
+  try:
+    value = float(eps)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return  # traced: cannot be checked here
+  if not value > 0.0:
+    raise ValueError(
+        f"`eps` must be > 0 (allowed range (0, inf)); got {value}.")
+
+
+def _check_gamma(gamma: ArrayLike) -> None:
+  """Raises ValueError unless `gamma` is a scalar (shape [])."""
   if jnp.ndim(gamma) != 0:
-    raise ValueError(f"gamma must be a scalar, got shape {jnp.shape(gamma)}")
+    raise ValueError(
+        "`gamma` must be a scalar (one learned value per layer, shape []); "
+        f"got shape {tuple(jnp.shape(gamma))}.")
 
 
-def forward_diff_x(x: Array) -> Array:
-  """``G_x x``: differences along width, [N, H, W-1, C]."""
+def _gamma_sq(gamma: ArrayLike, dtype: Any) -> Array:
+  """γ² in the dtype of the feature map (keeps bf16/f32 maps in their dtype)."""
+  g = jnp.asarray(gamma).astype(dtype)
+  return g * g
+
+
+# ----------------------------------------------------------------------------
+# difference operators and their adjoints
+# ----------------------------------------------------------------------------
+
+
+def forward_diff_x(x: ArrayLike) -> Array:
+  """G_x x: forward differences along the width axis, shape [N, H, W-1, C]."""
+  x = _as_nhwc(x)
   return x[:, :, 1:, :] - x[:, :, :-1, :]
 
 
-def forward_diff_y(x: Array) -> Array:
-  """``G_y x``: differences along height, [N, H-1, W, C]."""
+def forward_diff_y(x: ArrayLike) -> Array:
+  """G_y x: forward differences along the height axis, shape [N, H-1, W, C]."""
+  x = _as_nhwc(x)
   return x[:, 1:, :, :] - x[:, :-1, :, :]
 
 
-def forward_diff_x_adjoint(g: Array) -> Array:
-  """``G_xᵀ g`` for ``g`` of shape [N, H, W-1, C]; returns [N, H, W, C]."""
-  pad = [(0, 0), (0, 0), (1, 0), (0, 0)]
-  padded_left = jnp.pad(g, pad)                           # g[i-1] at i
-  padded_right = jnp.pad(g, [(0, 0), (0, 0), (0, 1), (0, 0)])  # g[i] at i
-  return padded_left - padded_right
+def forward_diff_x_adjoint(g: ArrayLike,
+                           width: Optional[int] = None) -> Array:
+  """G_xᵀ g (a negative divergence): [N, H, W-1, C] -> [N, H, W, C].
 
+  (G_xᵀ g)[..., j, :] = g[..., j-1, :] - g[..., j, :] with g[-1] = g[W-1] = 0,
+  so that <G_x x, g> = <x, G_xᵀ g> exactly.
 
-def forward_diff_y_adjoint(g: Array) -> Array:
-  """``G_yᵀ g`` for ``g`` of shape [N, H-1, W, C]; returns [N, H, W, C]."""
-  return (jnp.pad(g, [(0, 0), (1, 0), (0, 0), (0, 0)]) -
-          jnp.pad(g, [(0, 0), (0, 1), (0, 0), (0, 0)]))
+  Args:
+    g: values on the W-1 horizontal edges, NHWC.
+    width: the width W of the image the differences were taken of; defaults
+      to g's width + 1 (the only consistent value), kept for explicitness.
 
-
-def tv_smooth(x: Array, gamma: Any, *, eps: float = 1e-3) -> Array:
-  """One TV step of Eq. 14: ``x - γ² (G_xᵀ W_x G_x + G_yᵀ W_y G_y) x``."""
-  _check_nhwc(x)
-  _check_gamma(gamma)
-  if not eps > 0:
-    raise ValueError(f"eps must be > 0, got {eps}")
-  gx, gy = forward_diff_x(x), forward_diff_y(x)
-  flux = (forward_diff_x_adjoint(gx / (jnp.abs(gx) + eps)) +
-          forward_diff_y_adjoint(gy / (jnp.abs(gy) + eps)))
-  return x - jnp.square(gamma) * flux
-
-
-def tv_smooth_sign(x: Array, gamma: Any) -> Array:
-  """Inference form: ``x - γ² (G_xᵀ sign(G_x x) + G_yᵀ sign(G_y x))``."""
-  _check_nhwc(x)
-  _check_gamma(gamma)
-  flux = (forward_diff_x_adjoint(jnp.sign(forward_diff_x(x))) +
-          forward_diff_y_adjoint(jnp.sign(forward_diff_y(x))))
-  return x - jnp.square(gamma) * flux
-
-
-def total_variation(x: Array) -> Array:
-  """Anisotropic TV per example: sum of ``|G_x x| + |G_y x|``; shape [N]."""
-  _check_nhwc(x)
-  return (jnp.abs(forward_diff_x(x)).sum(axis=(1, 2, 3)) +
-          jnp.abs(forward_diff_y(x)).sum(axis=(1, 2, 3)))
-
-
-def tv_jacobian_norm(x: Array, gamma: Any, *, eps: float = 1e-3,
-                     iters: int = 30, key=None) -> Array:
-  """Spectral norm of the Jacobian of ``x -> S(x)`` at ``x`` (power iteration).
-
-  The paper observes that trained TV layers have a Jacobian norm below 1
-  (the activation is then non-expansive, i.e. stable).
+  Returns:
+    The adjoint applied to `g`, shape [N, H, width, C].
   """
-  key = jax.random.PRNGKey(0) if key is None else key
-  fn = lambda v: tv_smooth(v, gamma, eps=eps)
-  _, jvp_vjp = jax.vjp(fn, x)
-  v = jax.random.normal(key, x.shape, x.dtype)
-  v = v / jnp.linalg.norm(v)
+  g = _as_nhwc(g, "g")
+  if width is None:
+    width = g.shape[2] + 1
+  if g.shape[2] != width - 1:
+    raise ValueError(
+        f"`g` must have width `width` - 1 = {width - 1} (the number of "
+        f"horizontal differences); got shape {tuple(g.shape)}.")
+  gp = jnp.pad(g, ((0, 0), (0, 0), (1, 1), (0, 0)))
+  return gp[:, :, :-1, :] - gp[:, :, 1:, :]
 
-  def body(_, v):
-    jv = jax.jvp(fn, (x,), (v,))[1]
-    (w,) = jvp_vjp(jv)
-    return w / (jnp.linalg.norm(w) + 1e-30)
 
-  v = jax.lax.fori_loop(0, iters, body, v)
-  return jnp.linalg.norm(jax.jvp(fn, (x,), (v,))[1])
+def forward_diff_y_adjoint(g: ArrayLike,
+                           height: Optional[int] = None) -> Array:
+  """G_yᵀ g (a negative divergence): [N, H-1, W, C] -> [N, H, W, C].
+
+  (G_yᵀ g)[:, i] = g[:, i-1] - g[:, i] with g[-1] = g[H-1] = 0.
+
+  Args:
+    g: values on the H-1 vertical edges, NHWC.
+    height: the height H of the image the differences were taken of; defaults
+      to g's height + 1.
+
+  Returns:
+    The adjoint applied to `g`, shape [N, height, W, C].
+  """
+  g = _as_nhwc(g, "g")
+  if height is None:
+    height = g.shape[1] + 1
+  if g.shape[1] != height - 1:
+    raise ValueError(
+        f"`g` must have height `height` - 1 = {height - 1} (the number of "
+        f"vertical differences); got shape {tuple(g.shape)}.")
+  gp = jnp.pad(g, ((0, 0), (1, 1), (0, 0), (0, 0)))
+  return gp[:, :-1, :, :] - gp[:, 1:, :, :]
+
+
+# ----------------------------------------------------------------------------
+# TV step (Eq. 14) and its inference form
+# ----------------------------------------------------------------------------
+
+
+def tv_smooth(x: ArrayLike,
+              gamma: ArrayLike,
+              *,
+              eps: ArrayLike = 1e-3) -> Array:
+  """One TV smoothing step of Eq. 14: S(x) = x - γ² (D_x + D_y) x.
+
+  D_x x = G_xᵀ (G_x x / (|G_x x| + ε)) and likewise for y. Differentiable in
+  `x` and `gamma`; `gamma` may be traced, so changing it does not recompile.
+
+  Args:
+    x: feature maps, NHWC.
+    gamma: scalar γ (the step is γ²).
+    eps: ε > 0 of the weights W = diag(1 / (|G x| + ε)).
+
+  Returns:
+    S(x), same shape and dtype as `x`.
+  """
+  x = _as_nhwc(x)
+  _check_gamma(gamma)
+  _check_eps(eps)
+  h, w = x.shape[1], x.shape[2]
+  eps = jnp.asarray(eps, x.dtype)
+  gx = forward_diff_x(x)
+  gy = forward_diff_y(x)
+  flux = (forward_diff_x_adjoint(gx / (jnp.abs(gx) + eps), w)
+          + forward_diff_y_adjoint(gy / (jnp.abs(gy) + eps), h))
+  return x - _gamma_sq(gamma, x.dtype) * flux
+
+
+def tv_smooth_sign(x: ArrayLike, gamma: ArrayLike) -> Array:
+  """Inference form of Eq. 14: x - γ² (G_xᵀ sign(G_x x) + G_yᵀ sign(G_y x)).
+
+  Only additions, subtractions and a sign (times the constant γ²); equals the
+  ε → 0 limit of `tv_smooth` (with sign(0) = 0). Its gradient w.r.t. `x` is the
+  identity almost everywhere; w.r.t. `gamma` it is -2γ Gᵀ sign(G x).
+
+  Args:
+    x: feature maps, NHWC.
+    gamma: scalar γ.
+
+  Returns:
+    S₀(x), same shape and dtype as `x`.
+  """
+  x = _as_nhwc(x)
+  _check_gamma(gamma)
+  h, w = x.shape[1], x.shape[2]
+  flux = (forward_diff_x_adjoint(jnp.sign(forward_diff_x(x)), w)
+          + forward_diff_y_adjoint(jnp.sign(forward_diff_y(x)), h))
+  return x - _gamma_sq(gamma, x.dtype) * flux
+
+
+# ----------------------------------------------------------------------------
+# diagnostics
+# ----------------------------------------------------------------------------
+
+
+def total_variation(x: ArrayLike) -> Array:
+  """Anisotropic TV Σ |G_x x| + Σ |G_y x| per example (summed over H, W, C).
+
+  Args:
+    x: NHWC array.
+
+  Returns:
+    Array of shape [N].
+  """
+  x = _as_nhwc(x)
+  return (jnp.sum(jnp.abs(forward_diff_x(x)), axis=(1, 2, 3))
+          + jnp.sum(jnp.abs(forward_diff_y(x)), axis=(1, 2, 3)))
+
+
+def smoothed_total_variation(x: ArrayLike, *, eps: ArrayLike = 1e-3) -> Array:
+  """Φ_ε(x) = Σ φ_ε(G x), φ_ε(t) = |t| - ε log(1 + |t|/ε), per example.
+
+  `tv_smooth(x, γ, eps=ε) == x - γ² ∇Φ_ε(x)`: the TV step is gradient descent
+  on Φ_ε, whose gradient is (8/ε)-Lipschitz, so Φ_ε(S(x)) ≤ Φ_ε(x) whenever
+  γ² ≤ ε/4 (descent lemma). Φ_ε → total_variation as ε → 0.
+
+  Args:
+    x: NHWC array.
+    eps: ε > 0.
+
+  Returns:
+    Array of shape [N].
+  """
+  x = _as_nhwc(x)
+  _check_eps(eps)
+  eps = jnp.asarray(eps, x.dtype)
+
+  def phi(t: Array) -> Array:
+    a = jnp.abs(t)
+    return jnp.sum(a - eps * jnp.log1p(a / eps), axis=(1, 2, 3))
+
+  return phi(forward_diff_x(x)) + phi(forward_diff_y(x))
+
+
+def tv_jacobian_norm(x: ArrayLike,
+                     gamma: ArrayLike,
+                     *,
+                     eps: Optional[ArrayLike] = 1e-3,
+                     iters: int = 100,
+                     key: Optional[Array] = None) -> Array:
+  """Spectral norm of the Jacobian of x ↦ S(x) at `x`, by power iteration.
+
+  Iterates v ← Jᵀ J v / ‖Jᵀ J v‖ with J v from `jax.jvp` and Jᵀ u from
+  `jax.vjp`, over the whole NHWC array (the map is block diagonal over examples
+  and channels, so this is the max over them). The estimate converges from
+  below. `eps=None` differentiates the sign form (whose Jacobian is I almost
+  everywhere, so the result is 1). Values ≤ 1 (up to the iteration's accuracy)
+  mean the TV layer is non-expansive at `x`; note ‖J‖ ≥ 1 always, because maps
+  that are constant per channel are left unchanged (eigenvalue 1).
+
+  Args:
+    x: NHWC point at which to linearise.
+    gamma: scalar γ.
+    eps: ε of `tv_smooth`, or None for `tv_smooth_sign`.
+    iters: number of power iterations (static).
+    key: PRNG key for the random start; defaults to PRNGKey(0).
+
+  Returns:
+    Scalar estimate of ‖∂S/∂x‖₂.
+  """
+  x = _as_nhwc(x)
+  _check_gamma(gamma)
+  if eps is None:
+    fn = lambda z: tv_smooth_sign(z, gamma)
+  else:
+    _check_eps(eps)
+    fn = lambda z: tv_smooth(z, gamma, eps=eps)
+  if key is None:
+    key = jax.random.PRNGKey(0)
+  _, vjp_fn = jax.vjp(fn, x)
+
+  def normal_op(v: Array) -> Array:
+    _, jv = jax.jvp(fn, (x,), (v,))
+    return vjp_fn(jv)[0]
+
+  def normalise(v: Array) -> Array:
+    return v / jnp.maximum(jnp.linalg.norm(v.ravel()), jnp.finfo(v.dtype).tiny)
+
+  v0 = normalise(jax.random.normal(key, x.shape, x.dtype))
+  v = jax.lax.fori_loop(0, iters, lambda _, v: normalise(normal_op(v)), v0)
+  _, jv = jax.jvp(fn, (x,), (v,))
+  return jnp.linalg.norm(jv.ravel())
+
+
+def tv_jacobian_bound(gamma: ArrayLike, eps: ArrayLike) -> Array:
+  """Global bound ‖∂S/∂x‖₂ ≤ max(1, 8 γ²/ε - 1), valid at every x.
+
+  Equals 1 (non-expansive everywhere) iff γ² ≤ ε/4.
+
+  Args:
+    gamma: scalar γ.
+    eps: ε > 0.
+
+  Returns:
+    Scalar bound.
+  """
+  _check_gamma(gamma)
+  _check_eps(eps)
+  g2 = jnp.square(jnp.asarray(gamma, jnp.result_type(float)))
+  return jnp.maximum(1.0, 8.0 * g2 / eps - 1.0)

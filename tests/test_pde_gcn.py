@@ -48,7 +48,7 @@ def test_shapes_and_parameter_counts(symmetric):
   chex.assert_shape(logits, (12, 3))
   np.testing.assert_allclose(jnp.exp(logits).sum(-1), 1.0, rtol=1e-5)
   kernels = 4 * 8 * 8 * (1 if symmetric else 2)
-  expected = (5 * 8 + 8) + (8 * 3 + 3) + kernels + 2 * 4
+  expected = 5 * 8 + 8 * 3 + kernels + 2 * 4   # bias-free open/close
   assert _count(params) == expected
   assert ("kernel_out" in params) == (not symmetric)
 
@@ -80,6 +80,43 @@ def test_folding_edge_directions_is_exact(symmetric, quantized):
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_folding_is_exact_for_zero_edges_on_a_midrise_grid():
+  """Equal neighbours: Q(tanh(0)) != 0 on a mid-rise grid, yet both directions
+  cancel; the folded form must reproduce that."""
+  g = _random_graph()
+  x = jnp.zeros((12, 5)).at[:, 0].set(jnp.arange(12) % 2)  # many equal rows
+  folded = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=True)
+  both = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=False)
+  model = _model(quantize_activations=True, kernel_noise=0.0)
+  params = model.init(jax.random.PRNGKey(1), x, folded)["params"]
+  bits = layers.QuantBits.make(None, 2)
+  _, ha = model.apply({"params": params}, x, folded, bits, return_hidden=True)
+  _, hb = model.apply({"params": params}, x, both, bits, return_hidden=True)
+  np.testing.assert_allclose(ha, hb, atol=1e-6)
+
+
+def test_edge_dropout_is_training_only_and_seeded():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
+  model = _model(dropout_edges=0.5, kernel_noise=0.1)
+  params = model.init(jax.random.PRNGKey(1), x, graph)["params"]
+  run = lambda seed: model.apply({"params": params}, x, graph, train=True,
+                                 rngs={"dropout": jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  evals = model.apply({"params": params}, x, graph)
+  np.testing.assert_array_equal(evals, model.apply({"params": params}, x,
+                                                   graph))
+
+
+def test_hash_keep_mask_rate_and_independence():
+  mask = pde_gcn.hash_keep_mask(jnp.uint32(3), (200, 64), 0.4)
+  assert abs(float(mask.mean()) - 0.4) < 0.01
+  other = pde_gcn.hash_keep_mask(jnp.uint32(4), (200, 64), 0.4)
+  both = float((mask & other).mean())
+  assert abs(both - 0.16) < 0.01, "masks of different seeds look dependent"
+
+
 def test_symmetric_layer_uses_the_adjoint_of_k_s():
   """Eq. 23 by hand, with dense matrices: x - h Sᵀ Kᵀ tanh(K S x)."""
   g = _random_graph(num_nodes=7, num_edges=9)
@@ -93,8 +130,8 @@ def test_symmetric_layer_uses_the_adjoint_of_k_s():
   params = pde_gcn.LayerParams(jnp.asarray(kernel), None, jnp.ones(()),
                                jnp.ones(()))
   spec = pde_gcn.QuantSpec(activations=False)
-  got = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
-                              layers.FLOAT_BITS, spec, symmetric=True)
+  got, _ = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
+                                 layers.FLOAT_BITS, spec, symmetric=True)
   # rows are nodes: K acts on channels from the right
   want = x - 0.2 * S.T @ np.tanh(S @ x @ kernel) @ kernel.T
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -35,15 +35,17 @@ from train import common
 FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
 
 
-class NodeTask(NamedTuple):
-  """Device-resident data of one graph."""
+@flax.struct.dataclass
+class NodeTask:
+  """Device-resident data of one graph (passed to jitted steps as arguments:
+  as closure constants XLA would constant-fold gathers over them)."""
   features: Any  # jax.Array or SparseFeatures
   labels: jax.Array
   graph: GraphOperator
   train_idx: jax.Array
   val_idx: jax.Array
   test_idx: jax.Array
-  num_classes: int
+  num_classes: int = flax.struct.field(pytree_node=False)
 
 
 def load_task(config: ml_collections.ConfigDict) -> NodeTask:
@@ -140,23 +142,24 @@ def _accuracy(logits, labels, idx):
 
 
 def make_train_step(model, tx, task: NodeTask):
-  def loss_fn(params, bits, rng):
+  """``train_step(params, opt_state, bits, rng)``; the data are jit arguments."""
+  def loss_fn(params, task, bits, rng):
     logits = model.apply({"params": params}, task.features, task.graph, bits,
                          train=True, rngs={"dropout": rng})
     return _nll(logits, task.labels, task.train_idx)
 
   @jax.jit
-  def train_step(params, opt_state, bits, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(params, bits, rng)
+  def train_step(params, opt_state, bits, rng, task):
+    loss, grads = jax.value_and_grad(loss_fn)(params, task, bits, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return train_step
+  return functools.partial(train_step, task=task)
 
 
 def make_eval_step(model, task: NodeTask):
   @jax.jit
-  def eval_step(params, bits):
+  def eval_step(params, bits, task):
     logits = model.apply({"params": params}, task.features, task.graph, bits)
     return {
         "train_acc": _accuracy(logits, task.labels, task.train_idx),
@@ -164,20 +167,20 @@ def make_eval_step(model, task: NodeTask):
         "test_acc": _accuracy(logits, task.labels, task.test_idx),
         "val_loss": _nll(logits, task.labels, task.val_idx),
     }
-  return eval_step
+  return functools.partial(eval_step, task=task)
 
 
 def evaluate_consistency(model, params, task: NodeTask, bits: layers.QuantBits
                          ) -> Dict[str, Any]:
   """Accuracy at b bits and clip-only, and the per-layer hidden-state MSE."""
-  @functools.partial(jax.jit)
-  def run(b):
+  @jax.jit
+  def run(params, b, task):
     logits, hidden = model.apply({"params": params}, task.features, task.graph,
                                  b, return_hidden=True)
     return _accuracy(logits, task.labels, task.test_idx), hidden
   clip_only = layers.QuantBits.make(None, None)
-  acc_b, hidden_b = run(bits)
-  acc_ref, hidden_ref = run(clip_only)
+  acc_b, hidden_b = run(params, bits, task)
+  acc_ref, hidden_ref = run(params, clip_only, task)
   stats = consistency.activation_mse(hidden_b, hidden_ref)
   return {"test_acc_bits": float(acc_b), "test_acc_clip_only": float(acc_ref),
           **stats}

@@ -49,6 +49,9 @@ SPACES: Dict[str, Dict[str, Callable[[np.random.Generator], Any]]] = {
         "optim.lr_kernel": _log_uniform(1e-5, 1e-2),
         "optim.lr_alpha": _log_uniform(1e-4, 1e-1),
         "optim.weight_decay": _log_uniform(1e-5, 1e-2),
+        # α init matters at 4 bits: α=6 on a 16-level grid is a step of 0.8,
+        # coarser than the node states of a row-normalised graph.
+        "model.alpha_init": _log_uniform(0.5, 6.0),
     },
 }
 

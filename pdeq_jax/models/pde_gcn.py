@@ -230,12 +230,20 @@ def pde_gcn_layer(x: Array, params: LayerParams, graph: GraphOperator,
   quantize_act = lambda v: _maybe_quantize(v, params.alpha_act,
                                            bits.activations, spec.activations,
                                            spec)
-  g = graph.gradient(x)
-  seeds = (None, None) if seed is None else (seed, seed + jnp.uint32(0x5bd1e995))
-  forward = jnp.tanh(_edge_dropout(g, edge_dropout, seeds[0]) @ kernel)
+  # K S is linear: x -> S (x K) (channel mixing on the N nodes, not the E
+  # edges); its jax.vjp is the adjoint Sᵀ Kᵀ of the symmetric layer.
+  edge_op = lambda v: graph.gradient(v @ kernel)
+  dropout = edge_dropout > 0.0 and seed is not None
+  if dropout:
+    # dropout sits between S and K (on S x), so K must act on the edges
+    seeds = (seed, seed + jnp.uint32(0x5bd1e995))
+    g = graph.gradient(x)
+    forward = jnp.tanh(_edge_dropout(g, edge_dropout, seeds[0]) @ kernel)
+  else:
+    forward = jnp.tanh(edge_op(x))
   e = quantize_act(forward)
   if graph.direction_factor == 2.0:
-    if edge_dropout > 0.0 and seed is not None:
+    if dropout:
       backward = jnp.tanh(-_edge_dropout(g, edge_dropout, seeds[1]) @ kernel)
     else:
       backward = -forward  # tanh is odd
@@ -244,11 +252,11 @@ def pde_gcn_layer(x: Array, params: LayerParams, graph: GraphOperator,
     raise ValueError(f"direction_factor must be 1 or 2, got "
                      f"{graph.direction_factor}")
   if symmetric:
-    edge_op = lambda v: graph.gradient(v) @ kernel      # K S (linear)
-    update = operators.adjoint(edge_op, x.shape, x.dtype)(e)   # Sᵀ Kᵀ e
+    _, k_s_transpose = jax.vjp(edge_op, x)
+    (update,) = k_s_transpose(e)                        # Sᵀ Kᵀ e
   else:
     kernel_out = _maybe_quantize_weight(params.kernel_out, bits.weights, spec)
-    update = graph.divergence(e @ kernel_out)           # Sᵀ K₂ e
+    update = graph.divergence(e) @ kernel_out           # Sᵀ K₂ e
   return x - h * update, x
 
 

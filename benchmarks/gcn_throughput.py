@@ -89,14 +89,16 @@ def torch_epoch_fn(config, task, threads: int):
   labels = torch.as_tensor(np.asarray(task.labels), dtype=torch.long)
   train_idx = torch.as_tensor(np.asarray(task.train_idx), dtype=torch.long)
   n, width, depth = features.shape[0], m.width, m.depth
-  factor = graph.direction_factor
+  if graph.direction_factor != 2.0:
+    raise ValueError("the benchmark expects fold_edge_directions=True")
 
   class Net(torch.nn.Module):
+    """The PDE-GCN_D of pdeq_jax.models.pde_gcn (one stored edge direction)."""
 
     def __init__(self):
       super().__init__()
-      self.open = torch.nn.Linear(features.shape[1], width)
-      self.close = torch.nn.Linear(width, task.num_classes)
+      self.open = torch.nn.Linear(features.shape[1], width, bias=False)
+      self.close = torch.nn.Linear(width, task.num_classes, bias=False)
       eye = torch.eye(width).expand(depth, width, width)
       self.kernel = torch.nn.Parameter(eye + 1e-3 * torch.randn(depth, width,
                                                                  width))
@@ -106,22 +108,33 @@ def torch_epoch_fn(config, task, threads: int):
       self.alpha_act = torch.nn.Parameter(torch.full((depth,), 6.0))
 
     def forward(self, x):
-      x = torch.nn.functional.dropout(x, m.dropout_in, self.training)
+      drop = torch.nn.functional.dropout
+      x = drop(x, m.dropout_in, self.training)
       x = torch.relu(self.open(x))
-      x = torch.nn.functional.dropout(x, m.dropout_in, self.training)
+      x = drop(x, m.dropout_in, self.training)
       for j in range(depth):
         if quantized:
           x = MidriseQuant.apply(x, self.alpha_state[j], levels)
-        xk = x @ self.kernel[j]
-        e = torch.tanh(weights * (xk[senders] - xk[receivers]))
+        kernel = self.kernel[j]
+        if self.training and m.dropout_edges > 0:
+          g = weights * (x[senders] - x[receivers])
+          fwd = torch.tanh(drop(g, m.dropout_edges, True) @ kernel)
+          bwd = torch.tanh(-drop(g, m.dropout_edges, True) @ kernel)
+        else:
+          xk = x @ kernel
+          fwd = torch.tanh(weights * (xk[senders] - xk[receivers]))
+          bwd = -fwd
         if quantized:
-          e = MidriseQuant.apply(e, self.alpha_act[j], levels)
+          e = (MidriseQuant.apply(fwd, self.alpha_act[j], levels) -
+               MidriseQuant.apply(bwd, self.alpha_act[j], levels))
+        else:
+          e = fwd - bwd
         we = weights * e
         div = torch.zeros(n, width).index_add_(0, senders, we).index_add_(
             0, receivers, -we)
-        out_kernel = self.kernel[j].t() if m.symmetric else self.kernel_out[j]
-        x = x - (m.h * factor) * (div @ out_kernel)
-      x = torch.nn.functional.dropout(x, m.dropout_out, self.training)
+        out_kernel = kernel.t() if m.symmetric else self.kernel_out[j]
+        x = x - m.h * (div @ out_kernel)
+      x = drop(x, m.dropout_out, self.training)
       return torch.log_softmax(self.close(x), -1)
 
   net = Net()

@@ -8,6 +8,7 @@ vs clip-only comparison.  Whether a quantizer exists at all is structure
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -152,7 +153,7 @@ class TVActivation(nn.Module):
       raise ValueError(f"gamma_init must lie in (0, gamma_max={self.gamma_max}),"
                        f" got {self.gamma_init}")
     ratio = self.gamma_init / self.gamma_max
-    rho0 = float(jnp.log(ratio / (1.0 - ratio)))
+    rho0 = math.log(ratio / (1.0 - ratio))
     self.rho = self.param("rho", nn.initializers.constant(rho0), ())
 
   @property

@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and plots.")
 
 def main(argv):
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   flags.mark_flags_as_required(["config", "workdir"])

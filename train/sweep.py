@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 from ml_collections import config_flags
 
@@ -120,6 +121,8 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
 
 
 def main(argv):
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   best = run_sweep(_CONFIG.value, _WORKDIR.value, _TRIALS.value, _SPACE.value,

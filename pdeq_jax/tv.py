@@ -1,4 +1,4 @@
-"""Total-variation (TV) smoothing as a non-pointwise activation (Sec. 3, Eq.14).
+"""Total-variation (TV) smoothing, a non-pointwise activation (Sec. 3, Eq. 14).
 
 All functions take NHWC arrays and act on every channel of every example
 independently (no channel or batch mixing). With the forward differences
@@ -32,12 +32,14 @@ Properties (tested in tests/test_tv.py):
   that are constant per channel. Hence ‖J‖₂ = 1 (non-expansive, the paper's
   "Jacobian norm smaller than 1" up to the constant mode that TV cannot damp)
   whenever γ² ≤ ε / 4, and ‖J‖₂ ≤ max(1, 8 γ² / ε - 1) always. Locally the
-  condition is milder: only differences with (|t| + ε)² < 4 γ² ε can expand.
+  condition is milder: J is non-expansive at x if every difference t of x has
+  (|t| + ε)² ≥ 4 γ² ε (then γ² φ_ε''(t) ≤ 1/4 on every edge).
 * The sign form is piecewise affine with Jacobian I almost everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -301,13 +303,21 @@ def tv_jacobian_norm(x: ArrayLike,
   """
   x = _as_nhwc(x)
   _check_gamma(gamma)
+  if eps is not None:
+    _check_eps(eps)
+  if key is None:
+    key = jax.random.PRNGKey(0)
+  return _jacobian_norm(x, gamma, eps, key, iters=int(iters))
+
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _jacobian_norm(x: Array, gamma: Array, eps: Optional[Array], key: Array,
+                   *, iters: int) -> Array:
+  """Jitted power iteration behind `tv_jacobian_norm` (arguments checked)."""
   if eps is None:
     fn = lambda z: tv_smooth_sign(z, gamma)
   else:
-    _check_eps(eps)
     fn = lambda z: tv_smooth(z, gamma, eps=eps)
-  if key is None:
-    key = jax.random.PRNGKey(0)
   _, vjp_fn = jax.vjp(fn, x)
 
   def normal_op(v: Array) -> Array:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from absl import app
 from absl import flags
@@ -26,17 +26,21 @@ from configs import pde_gcn as gcn_configs
 from pdeq_jax import consistency
 from train import common
 from train import node_classify
+from train import sweep
 
-_DATASETS = flags.DEFINE_list("datasets", ["cora"], "Datasets to run.")
-_FORMS = flags.DEFINE_list("forms", ["nonsym", "sym"], "sym and/or nonsym.")
-_PRECISIONS = flags.DEFINE_list("precisions", ["fp", "4w8a", "4w4a"],
-                                "Precision rows.")
-_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per row.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/table7", "Output dir.")
-_NUM_EPOCHS = flags.DEFINE_integer("num_epochs", None,
-                                   "Override the configs' epoch count.")
-_PATIENCE = flags.DEFINE_integer("patience", None,
-                                 "Override early-stopping patience.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_list("datasets", ["cora"], "Datasets to run.")
+  flags.DEFINE_list("forms", ["nonsym", "sym"], "sym and/or nonsym.")
+  flags.DEFINE_list("precisions", ["fp", "4w8a", "4w4a"], "Precision rows.")
+  flags.DEFINE_integer("seeds", 5, "Seeds per row.")
+  flags.DEFINE_string("workdir", "workdirs/table7", "Output dir.")
+  flags.DEFINE_integer("num_epochs", None, "Override the configs' epochs.")
+  flags.DEFINE_integer("patience", None, "Override early-stopping patience.")
+
 
 # Table 7 of the paper: (dataset, symmetric, precision) -> (accuracy %, MSE)
 PAPER_TABLE7 = {
@@ -65,8 +69,14 @@ def _mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
-               num_epochs=None, patience=None, verbose: bool = True
+               num_epochs=None, patience=None, verbose: bool = True,
+               config_overrides: Optional[Dict[str, Any]] = None
                ) -> Dict[str, Any]:
+  """Runs every (dataset, precision, form) row for ``seeds`` seeds.
+
+  ``config_overrides`` ({"section.key": value}) applies to every run (e.g.
+  a smaller model in tests).
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   runs = []
@@ -81,6 +91,8 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
             config.num_epochs = num_epochs
           if patience is not None:
             config.patience = patience
+          if config_overrides:
+            config = sweep.apply_overrides(config, config_overrides)
           run_dir = workdir / f"{dataset}_{form}_{precision}" / f"seed{seed}"
           results_file = run_dir / "results.json"
           t0 = time.perf_counter()
@@ -149,9 +161,10 @@ def main(argv):
   if len(argv) != 2 or argv[1] != "table7":
     raise app.UsageError("usage: python -m train.reproduce table7 [flags]; "
                          "only table7 (PDE-GCN) is reproducible offline so far")
-  run_table7(_DATASETS.value, _FORMS.value, _PRECISIONS.value, _SEEDS.value,
-             _WORKDIR.value, _NUM_EPOCHS.value, _PATIENCE.value)
+  run_table7(FLAGS.datasets, FLAGS.forms, FLAGS.precisions, FLAGS.seeds,
+             FLAGS.workdir, FLAGS.num_epochs, FLAGS.patience)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,12 +26,17 @@ from ml_collections import config_flags
 from train import common
 from train import tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
-_TRIALS = flags.DEFINE_integer("trials", 20, "Trial budget.")
-_SPACE = flags.DEFINE_string("space", "gcn", "Search space name.")
-_SWEEP_SEED = flags.DEFINE_integer("sweep_seed", 0, "Seed of the sampler.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  config_flags.DEFINE_config_file("config", None, "Base config.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory.")
+  flags.DEFINE_integer("trials", 20, "Trial budget.")
+  flags.DEFINE_string("space", "gcn", "Search space name.")
+  flags.DEFINE_integer("sweep_seed", 0, "Seed of the sampler.")
 
 
 def _log_uniform(lo: float, hi: float) -> Callable[[np.random.Generator], float]:
@@ -144,12 +149,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  best = run_sweep(_CONFIG.value, _WORKDIR.value, _TRIALS.value, _SPACE.value,
-                   _SWEEP_SEED.value)
+  best = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.trials, FLAGS.space,
+                   FLAGS.sweep_seed)
   print(f"best trial {best['trial']}: val {100 * best['val_acc']:.2f} "
         f"(test {100 * best['test_acc']:.2f})")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

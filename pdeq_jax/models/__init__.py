@@ -6,8 +6,35 @@ import importlib
 from typing import Callable, Dict, Tuple
 
 # name -> (module, factory attribute, fixed options)
+_CIFAR_WIDTHS = (16, 32, 64)
+_WIDE_WIDTHS = (64, 128, 256, 512)
+_RESNET = "pdeq_jax.models.resnet"
+_STABLE_RESNET = "pdeq_jax.models.stable_resnet"
+_MOBILENET = "pdeq_jax.models.mobilenetv2"
+
 _REGISTRY: Dict[str, Tuple[str, str, dict]] = {
     "pde_gcn": ("pdeq_jax.models.pde_gcn", "PDEGCN", {}),
+    # CIFAR ResNets, 6n + 2 layers, widths 16/32/64 (option-B shortcuts).
+    **{f"resnet{6 * n + 2}": (_RESNET, "ResNet",
+                              {"stage_sizes": (n, n, n),
+                               "widths": _CIFAR_WIDTHS})
+       for n in (3, 5, 7, 9, 18)},
+    # Wide CIFAR ResNets (64..512), used for CIFAR-100.
+    "resnet18": (_RESNET, "ResNet", {"stage_sizes": (2, 2, 2, 2),
+                                     "widths": _WIDE_WIDTHS}),
+    "resnet34": (_RESNET, "ResNet", {"stage_sizes": (3, 4, 6, 3),
+                                     "widths": _WIDE_WIDTHS}),
+    # Stable (symmetric) ResNets of Sec. 4.1.
+    "stable_resnet20": (_STABLE_RESNET, "StableResNet",
+                        {"stage_sizes": (3, 3, 3), "widths": _CIFAR_WIDTHS}),
+    "stable_resnet56": (_STABLE_RESNET, "StableResNet",
+                        {"stage_sizes": (9, 9, 9), "widths": _CIFAR_WIDTHS}),
+    "stable_resnet34": (_STABLE_RESNET, "StableResNet",
+                        {"stage_sizes": (3, 4, 6, 3),
+                         "widths": _WIDE_WIDTHS}),
+    # MobileNetV2 (Eq. 21) and its stable variant (Eq. 22).
+    "mobilenetv2": (_MOBILENET, "MobileNetV2", {}),
+    "stable_mobilenetv2": (_MOBILENET, "MobileNetV2", {"stable": True}),
 }
 
 

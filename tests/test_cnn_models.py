@@ -1,0 +1,322 @@
+"""CNN models: ResNets, stable ResNets, MobileNetV2 (standard and stable).
+
+Parameter counts of the big models and the output shapes of every registered
+CNN come from ``jax.eval_shape`` (tracing only); real forward passes run on
+the small nets with a batch of 2 and small images.  Initialisation uses the
+``unsafe_rbg`` PRNG, which compiles much faster than threefry on CPU.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdeq_jax import layers
+from pdeq_jax import models
+from pdeq_jax import operators
+from pdeq_jax.models import mobilenetv2
+from pdeq_jax.models import stable_resnet
+
+CNN_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+             "resnet18", "resnet34", "stable_resnet20", "stable_resnet56",
+             "stable_resnet34", "mobilenetv2", "stable_mobilenetv2")
+
+# The authors' code (PyTorch, unquantized: no α scalars) and the paper's tables.
+AUTHORS_PARAM_COUNTS = [
+    ("resnet56", 10, 855_770),
+    ("stable_resnet56", 10, 405_850),
+    ("mobilenetv2", 10, 2_236_074),
+    ("stable_mobilenetv2", 10, 1_719_306),
+    ("resnet34", 100, 21_328_292),
+    ("stable_resnet34", 100, 9_061_284),
+]
+
+# A MobileNetV2 small enough for a real forward pass in a unit test: one
+# stage keeps the width (residual), two grow it, one with stride 2.
+TINY_STAGES = ((8, 2, 1, 1), (12, 2, 2, 2), (16, 1, 1, 2))
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def _images(hw=16, n=2, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), (n, hw, hw, 3))
+
+
+def _count(params, include_alpha=False):
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not include_alpha and getattr(path[-1], "key", None) == "alpha":
+      continue
+    total += int(np.prod(leaf.shape))
+  return total
+
+
+def _abstract_variables(model, x):
+  return jax.eval_shape(model.init, _key(), x)
+
+
+@pytest.mark.parametrize("name,num_classes,target", AUTHORS_PARAM_COUNTS)
+def test_parameter_counts_match_the_authors_code(name, num_classes, target):
+  model = models.create(name, num_classes)
+  variables = _abstract_variables(model, jnp.zeros((1, 32, 32, 3)))
+  count = _count(variables["params"])
+  assert abs(count - target) <= 0.03 * target, (name, count, target)
+  # α scalars (one per quantizer) are a handful on top.
+  assert 0 < _count(variables["params"], include_alpha=True) - count < 300
+
+
+def test_stable_nets_have_about_half_the_parameters():
+  counts = {}
+  for name, num_classes, _ in AUTHORS_PARAM_COUNTS:
+    variables = _abstract_variables(models.create(name, num_classes),
+                                    jnp.zeros((1, 32, 32, 3)))
+    counts[name] = _count(variables["params"])
+  assert counts["stable_resnet56"] < 0.5 * counts["resnet56"]
+  assert counts["stable_resnet34"] < 0.5 * counts["resnet34"]
+  assert counts["stable_mobilenetv2"] < counts["mobilenetv2"]
+
+
+@pytest.mark.parametrize("name", CNN_NAMES)
+def test_every_registered_cnn_gives_logits_and_hidden_states(name):
+  model = models.create(name, 7)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = _abstract_variables(model, x)
+  assert set(variables) == {"params", "batch_stats"}
+  bits = layers.QuantBits.make(4, 4)
+  logits, hidden = jax.eval_shape(
+      lambda v, x: model.apply(v, x, bits, return_hidden=True), variables, x)
+  assert logits.shape == (2, 7)
+  assert len(hidden) >= 9 and all(h.shape[0] == 2 for h in hidden)
+  # the classifier sees the last hidden map (after global average pooling)
+  assert hidden[-1].shape[-1] == variables["params"]["head"]["dense"][
+      "kernel"].shape[0]
+
+
+def test_hidden_states_are_per_block():
+  x = jnp.zeros((2, 32, 32, 3))
+  for name, expected in [("resnet56", 27), ("stable_resnet20", 9),
+                         ("resnet34", 16), ("mobilenetv2", 18)]:
+    model = models.create(name, 10)
+    variables = _abstract_variables(model, x)
+    _, hidden = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_hidden=True), variables, x)
+    assert len(hidden) == expected, name
+  model = models.create("stable_resnet20", 10)
+  variables = _abstract_variables(model, x)
+  _, hidden = jax.eval_shape(
+      lambda v, x: model.apply(v, x, return_hidden=True), variables, x)
+  assert [h.shape for h in hidden[2:4]] == [(2, 32, 32, 16), (2, 16, 16, 32)]
+
+
+def test_first_conv_and_classifier_stay_float():
+  for name in ("resnet20", "stable_resnet20", "mobilenetv2"):
+    params = _abstract_variables(models.create(name, 10),
+                                 jnp.zeros((1, 32, 32, 3)))["params"]
+    assert set(params["stem"]["conv"]) == {"kernel"}
+    assert set(params["head"]["dense"]) == {"kernel", "bias"}
+    assert "wq" in params["stage1_block1"] or \
+        "wq" in params["stage1_block1"].get("conv_expand", {})
+
+
+def test_quantizers_are_structure():
+  x = jnp.zeros((1, 32, 32, 3))
+  full = _count(_abstract_variables(models.create("resnet20", 10), x)
+                ["params"], include_alpha=True)
+  for flags in [dict(quantize_weights=False), dict(quantize_activations=False),
+                dict(quantize_weights=False, quantize_activations=False)]:
+    params = _abstract_variables(models.create("resnet20", 10, **flags),
+                                 x)["params"]
+    assert _count(params, include_alpha=True) < full
+  params = _abstract_variables(
+      models.create("stable_resnet20", 10, quantize_weights=False,
+                    quantize_activations=False), x)["params"]
+  assert _count(params, include_alpha=True) == _count(params)
+
+
+def test_stable_blocks_hold_one_operator():
+  x = jnp.zeros((1, 32, 32, 3))
+  params = _abstract_variables(models.create("stable_resnet20", 10),
+                               x)["params"]
+  block = params["stage2_block1"]
+  assert set(block) == {"kernel", "wq", "aq_in", "aq_mid", "bn1", "bn2"}
+  assert block["kernel"].shape == (3, 3, 16, 16)  # n_in: Eq. 20 growth
+  assert block["bn2"]["scale"].shape == (16,)
+  params = _abstract_variables(models.create("stable_mobilenetv2", 10),
+                               x)["params"]
+  block = params["stage3_block2"]
+  assert {"kernel_1x1", "kernel_dw"} <= set(block)
+  assert not any(k.startswith("conv") for k in block)
+  assert "conv_project" in params["stage3_block1"]  # authors: first stays
+  params = _abstract_variables(
+      models.create("stable_mobilenetv2", 10, stable_transitions=True),
+      x)["params"]
+  assert "kernel_1x1" in params["stage3_block1"]
+
+
+def test_channel_growth_outside_eq20_raises():
+  block = stable_resnet.StableBlock(9)
+  with pytest.raises(ValueError, match="n_in <= features <= 2 n_in"):
+    jax.eval_shape(block.init, _key(), jnp.zeros((1, 4, 4, 4)))
+  with pytest.raises(ValueError, match="n_in <= features <= 2 n_in"):
+    jax.eval_shape(stable_resnet.StableBlock(3).init, _key(),
+                   jnp.zeros((1, 4, 4, 4)))
+  model = models.create("stable_resnet20", 10, widths=(16, 40, 64))
+  with pytest.raises(ValueError, match="2 n_in"):
+    jax.eval_shape(model.init, _key(), jnp.zeros((1, 32, 32, 3)))
+  tiny = mobilenetv2.MobileNetV2(10, stages=((8, 1, 1, 1), (20, 1, 2, 2)),
+                                 stable=True, stable_transitions=True)
+  with pytest.raises(ValueError, match="2 n_in"):
+    jax.eval_shape(tiny.init, _key(), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_unknown_model_name():
+  with pytest.raises(ValueError, match="unknown model 'resnet999'"):
+    models.create("resnet999", 10)
+  assert set(CNN_NAMES) <= set(models.names())
+
+
+def test_wrong_input_rank():
+  model = models.create("resnet20", 10)
+  with pytest.raises(ValueError, match="NHWC"):
+    jax.eval_shape(model.init, _key(), jnp.zeros((32, 32, 3)))
+
+
+def _clean_block(h=0.1, **kw):
+  return stable_resnet.StableBlock(4, h=h, clean_form=True, act=jnp.tanh,
+                                   act_signed=True, quantize_weights=False,
+                                   quantize_activations=False, **kw)
+
+
+def test_clean_stable_block_is_eq6_with_the_transposed_convolution():
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 4, 4))
+  block = _clean_block(h=0.3)
+  variables = block.init(_key(), x)
+  kernel = variables["params"]["kernel"]
+  out = block.apply(variables, x)
+  # Kᵀ of a 'SAME' 3x3 convolution: the flipped kernel, in/out swapped.
+  kernel_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  expected = x - 0.3 * operators.conv(jnp.tanh(operators.conv(x, kernel)),
+                                      kernel_t)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stable_block_jacobian_is_symmetric_and_contractive():
+  x = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 4, 4))
+  block = _clean_block(h=0.1)
+  variables = block.init(_key(3), x)
+  margin = operators.stability_margin(variables["params"]["kernel"], x.shape,
+                                      0.1)
+  assert bool(margin.stable)
+  fn = lambda z: block.apply(variables, z.reshape(x.shape)).reshape(-1)
+  jac = np.asarray(jax.jacfwd(fn)(x.reshape(-1)), np.float64)
+  chex.assert_shape(jac, (64, 64))
+  np.testing.assert_allclose(jac, jac.T, atol=1e-5)  # I - h Kᵀ σ'(Kx) K
+  eig = np.linalg.eigvalsh((jac + jac.T) / 2)
+  assert eig.max() <= 1.0 + 1e-5 and eig.min() > -1.0
+  assert eig.min() >= 1.0 - float(margin.h_l_norm_sq) - 1e-4
+  # an unstable step size breaks contractivity
+  big_h = 3.0 * float(margin.h_max)
+  block = _clean_block(h=big_h)
+  fn = lambda z: block.apply(variables, z.reshape(x.shape)).reshape(-1)
+  eig = np.linalg.eigvalsh(np.asarray(jax.jacfwd(fn)(x.reshape(-1))))
+  assert eig.min() < -1.0
+
+
+@pytest.fixture(scope="module")
+def resnet20_setup():
+  model = models.create("resnet20", 10)
+  x = _images(16)
+  variables = jax.jit(model.init)(_key(1), x)
+  return model, variables, x
+
+
+def test_resnet20_forward_and_batch_stats(resnet20_setup):
+  model, variables, x = resnet20_setup
+  logits = model.apply(variables, x, layers.QuantBits.make(4, 4))
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_tree_all_finite(logits)
+  logits, updates = model.apply(variables, x, layers.QuantBits.make(4, 4),
+                                train=True, mutable=["batch_stats"])
+  chex.assert_shape(logits, (2, 10))
+  old = variables["batch_stats"]["stage1_block1"]["bn1"]["mean"]
+  new = updates["batch_stats"]["stage1_block1"]["bn1"]["mean"]
+  assert not np.allclose(old, new)
+
+
+def test_changing_bits_does_not_retrace(resnet20_setup):
+  model, variables, x = resnet20_setup
+
+  @jax.jit
+  def forward(variables, x, bits):
+    return model.apply(variables, x, bits, return_hidden=True)
+
+  outs = []
+  for w, a in [(8, 8), (4, 4), (4, 8), (None, None)]:
+    logits, hidden = forward(variables, x, layers.QuantBits.make(w, a))
+    assert len(hidden) == 9
+    outs.append(np.asarray(logits))
+  assert forward._cache_size() == 1
+  assert not np.allclose(outs[0], outs[1])
+  # 4-bit vs clip-only hidden maps differ, per block
+  assert not np.allclose(outs[1], outs[3])
+
+
+def test_stable_resnet20_forward_and_hidden():
+  model = models.create("stable_resnet20", 10)
+  x = _images(16)
+  variables = jax.jit(model.init)(_key(2), x)
+  logits, hidden = model.apply(variables, x, layers.QuantBits.make(4, 4),
+                               return_hidden=True)
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_tree_all_finite(logits)
+  assert [h.shape for h in hidden[::3]] == [(2, 16, 16, 16), (2, 8, 8, 32),
+                                            (2, 4, 4, 64)]
+  # practical form: a ReLU after the update, so block outputs are >= 0
+  assert all(float(h.min()) >= 0.0 for h in hidden)
+  # Eq. 20: the grown channels are copies of the (quantized) block input,
+  # pooled: the first stage-2 block's last 16 channels are pooled stage-1
+  # output channels 0..15 (up to the input quantizer).
+  q = variables["params"]["stage2_block1"]["aq_in"]["alpha"]
+  pooled = operators.avg_pool2x2(jnp.clip(hidden[2], 0.0, q))
+  np.testing.assert_allclose(hidden[3][..., 16:], pooled[..., :16],
+                             atol=float(q) / 15 + 1e-6)
+
+
+@pytest.mark.parametrize("stable,transitions", [(False, False), (True, False),
+                                                (True, True)])
+def test_tiny_mobilenetv2_forward(stable, transitions):
+  model = mobilenetv2.MobileNetV2(10, stages=TINY_STAGES, closing_features=32,
+                                  stable=stable,
+                                  stable_transitions=transitions)
+  x = _images(8)
+  variables = jax.jit(model.init)(_key(3), x)
+  logits, hidden = model.apply(variables, x, layers.QuantBits.make(4, 4),
+                               return_hidden=True)
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_tree_all_finite(logits)
+  assert [h.shape[1:] for h in hidden] == [
+      (8, 8, 8), (8, 8, 8), (4, 4, 12), (4, 4, 12), (4, 4, 16), (4, 4, 32)]
+
+
+def test_stable_mobilenet_block_is_eq22():
+  """Clean form: ``x - h K_1x1ᵀ K_dwᵀ σ(K_dw K_1x1 x)`` with Kᵀ the adjoint."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (1, 4, 4, 3))
+  block = mobilenetv2.StableInvertedResidual(
+      3, expansion=2, h=0.2, clean_form=True, act=jnp.tanh,
+      quantize_weights=False, quantize_activations=False)
+  variables = block.init(_key(4), x)
+  p = variables["params"]
+  assert p["kernel_1x1"].shape == (1, 1, 3, 6)
+  assert p["kernel_dw"].shape == (3, 3, 1, 6)
+  out = block.apply(variables, x)
+  k = lambda v: operators.separable_operator(v, p["kernel_1x1"],
+                                             p["kernel_dw"])
+  # adjoint identity <K x, y> = <x, Kᵀ y> through the block's update
+  y = jnp.tanh(k(x))
+  update = (x - out) / 0.2
+  k_matrix = jax.jacfwd(lambda v: k(v.reshape(x.shape)).reshape(-1))(
+      x.reshape(-1))
+  np.testing.assert_allclose(update.reshape(-1), k_matrix.T @ y.reshape(-1),
+                             rtol=1e-4, atol=1e-5)

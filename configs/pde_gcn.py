@@ -66,7 +66,9 @@ def get_config(arg=None):
   config.model.dropout_out = dropout
   config.model.dropout_edges = dropout
   config.model.grid = "midrise"
-  config.model.alpha_init = 6.0
+  config.model.alpha_init = 1.0          # x max|value| at init ("max" mode)
+  config.model.alpha_init_mode = "max"   # "constant": alpha_init itself (6.0
+                                         # in the authors' code)
   config.model.kernel_noise = 1e-3
   config.model.fold_edge_directions = True
   config.model.scan_layers = True

@@ -26,7 +26,7 @@ factory, the kernel initialisers, the float stem and head.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax

@@ -177,3 +177,18 @@ def test_bad_inputs_raise():
                        edges=g.edges[:20], n_edge=np.array([20]))
   with pytest.raises(ValueError, match="both"):
     pde_gcn.GraphOperator.from_graph(one_way, fold_edge_directions=True)
+
+
+def test_data_calibrated_alpha_init():
+  graph = pde_gcn.GraphOperator.from_graph(_random_graph())
+  x = jax.random.uniform(jax.random.PRNGKey(0), (12, 5))
+  model = _model(alpha_init_mode="max", alpha_init=1.5)
+  params = model.init(jax.random.PRNGKey(1), x, graph)["params"]
+  opened = jax.nn.relu(x @ params["open"]["kernel"])
+  np.testing.assert_allclose(params["alpha_state"],
+                             1.5 * np.abs(opened).max(), rtol=1e-5)
+  edge = jnp.tanh(graph.gradient(opened))
+  np.testing.assert_allclose(params["alpha_act"], 1.5 * np.abs(edge).max(),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="alpha_init_mode"):
+    _model(alpha_init_mode="mean").init(jax.random.PRNGKey(1), x, graph)

@@ -47,8 +47,8 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.task = "node_classification"
   config.seed = 0
-  config.num_epochs = 400
-  config.patience = 0            # epochs without val improvement; 0 = off
+  config.num_epochs = 200
+  config.patience = 100          # epochs without val improvement; 0 = off
   config.checkpoint_every = 50
 
   config.data = ml_collections.ConfigDict()

@@ -146,6 +146,8 @@ def test_stable_blocks_hold_one_operator():
   assert set(block) == {"kernel", "wq", "aq_in", "aq_mid", "bn1", "bn2"}
   assert block["kernel"].shape == (3, 3, 16, 16)  # n_in: Eq. 20 growth
   assert block["bn2"]["scale"].shape == (16,)
+  kernels = stable_resnet.symmetric_kernels(params)
+  assert len(kernels) == 9 and kernels["stage3_block1"].shape == (3, 3, 32, 32)
   params = _registered("stable_mobilenetv2")[0]["params"]
   block = params["stage3_block2"]
   assert {"kernel_1x1", "kernel_dw"} <= set(block)

@@ -40,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "workdirs/table7", "Output dir.")
   flags.DEFINE_integer("num_epochs", None, "Override the configs' epochs.")
   flags.DEFINE_integer("patience", None, "Override early-stopping patience.")
+  flags.DEFINE_bool("report_only", False,
+                    "Only tabulate finished runs; train nothing.")
 
 
 # Table 7 of the paper: (dataset, symmetric, precision) -> (accuracy %, MSE)
@@ -70,12 +72,13 @@ def _mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
 
 def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
                num_epochs=None, patience=None, verbose: bool = True,
-               config_overrides: Optional[Dict[str, Any]] = None
-               ) -> Dict[str, Any]:
+               config_overrides: Optional[Dict[str, Any]] = None,
+               report_only: bool = False) -> Dict[str, Any]:
   """Runs every (dataset, precision, form) row for ``seeds`` seeds.
 
   ``config_overrides`` ({"section.key": value}) applies to every run (e.g.
-  a smaller model in tests).
+  a smaller model in tests).  ``report_only`` trains nothing: it tabulates
+  the runs that have finished.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +101,8 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
           t0 = time.perf_counter()
           if results_file.exists():
             results = json.loads(results_file.read_text())
+          elif report_only:
+            continue
           else:
             results = node_classify.train_and_evaluate(config, str(run_dir),
                                                        verbose=False)
@@ -170,7 +175,8 @@ def main(argv):
     raise app.UsageError("usage: python -m train.reproduce table7 [flags]; "
                          "only table7 (PDE-GCN) is reproducible offline so far")
   run_table7(FLAGS.datasets, FLAGS.forms, FLAGS.precisions, FLAGS.seeds,
-             FLAGS.workdir, FLAGS.num_epochs, FLAGS.patience)
+             FLAGS.workdir, FLAGS.num_epochs, FLAGS.patience,
+             report_only=FLAGS.report_only)
 
 
 if __name__ == "__main__":

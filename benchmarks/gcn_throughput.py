@@ -85,10 +85,15 @@ def torch_epoch_fn(config, task, threads: int):
   senders = torch.as_tensor(np.asarray(graph.senders), dtype=torch.long)
   receivers = torch.as_tensor(np.asarray(graph.receivers), dtype=torch.long)
   weights = torch.as_tensor(np.asarray(graph.weights))[:, None]
-  features = torch.as_tensor(np.asarray(task.features))
+  sparse = task.features  # SparseFeatures (COO): PyTorch gets the same
+  feat_index = torch.as_tensor(np.stack([np.asarray(sparse.rows),
+                                         np.asarray(sparse.cols)]),
+                               dtype=torch.long)
+  feat_values = torch.as_tensor(np.asarray(sparse.values))
+  feature_shape = tuple(sparse.shape)
   labels = torch.as_tensor(np.asarray(task.labels), dtype=torch.long)
   train_idx = torch.as_tensor(np.asarray(task.train_idx), dtype=torch.long)
-  n, width, depth = features.shape[0], m.width, m.depth
+  n, width, depth = feature_shape[0], m.width, m.depth
   if graph.direction_factor != 2.0:
     raise ValueError("the benchmark expects fold_edge_directions=True")
 
@@ -97,7 +102,9 @@ def torch_epoch_fn(config, task, threads: int):
 
     def __init__(self):
       super().__init__()
-      self.open = torch.nn.Linear(features.shape[1], width, bias=False)
+      self.open = torch.nn.Parameter(
+          torch.randn(feature_shape[1], width) * (2.0 / (feature_shape[1] +
+                                                         width)) ** 0.5)
       self.close = torch.nn.Linear(width, task.num_classes, bias=False)
       eye = torch.eye(width).expand(depth, width, width)
       self.kernel = torch.nn.Parameter(eye + 1e-3 * torch.randn(depth, width,
@@ -107,10 +114,12 @@ def torch_epoch_fn(config, task, threads: int):
       self.alpha_state = torch.nn.Parameter(torch.full((depth,), 6.0))
       self.alpha_act = torch.nn.Parameter(torch.full((depth,), 6.0))
 
-    def forward(self, x):
+    def forward(self, values):
       drop = torch.nn.functional.dropout
-      x = drop(x, m.dropout_in, self.training)
-      x = torch.relu(self.open(x))
+      values = drop(values, m.dropout_in, self.training)
+      x = torch.sparse.mm(torch.sparse_coo_tensor(feat_index, values,
+                                                  feature_shape), self.open)
+      x = torch.relu(x)
       x = drop(x, m.dropout_in, self.training)
       for j in range(depth):
         if quantized:
@@ -140,7 +149,7 @@ def torch_epoch_fn(config, task, threads: int):
   net = Net()
   o = config.optim
   groups = [
-      {"params": list(net.open.parameters()) + list(net.close.parameters()),
+      {"params": [net.open] + list(net.close.parameters()),
        "lr": o.lr, "weight_decay": o.weight_decay},
       {"params": [p for p in (net.kernel, net.kernel_out) if p is not None],
        "lr": o.lr_kernel, "weight_decay": o.weight_decay_kernel},
@@ -151,13 +160,13 @@ def torch_epoch_fn(config, task, threads: int):
   def epoch():
     net.train()
     opt.zero_grad()
-    loss = torch.nn.functional.nll_loss(net(features)[train_idx],
+    loss = torch.nn.functional.nll_loss(net(feat_values)[train_idx],
                                         labels[train_idx])
     loss.backward()
     opt.step()
     net.eval()
     with torch.no_grad():
-      net(features)
+      net(feat_values)
   return epoch
 
 

@@ -202,6 +202,15 @@ def symmetric_step(x: Array, kernel: Array, h: Any,
   return symmetric_update(x, lambda v: conv(v, kernel), h, act)
 
 
+def check_channel_growth(n_in: int, n_out: int, where: str = "channel change",
+                         out_name: str = "n_out") -> None:
+  """Eq. 20's constraint ``n_in <= n_out <= 2 n_in``, with a clear error."""
+  if not n_in <= n_out <= 2 * n_in:
+    raise ValueError(f"{where} needs n_in <= {out_name} <= 2 n_in, got "
+                     f"n_in={n_in}, {out_name}={n_out} (allowed {out_name} in "
+                     f"[{n_in}, {2 * n_in}])")
+
+
 def grow_channels(x_prev: Array, x_new: Array, n_out: int) -> Array:
   """Channel change of Eq. 20: ``concat(x_new, x_prev[..., :n_out - n_in])``.
 
@@ -211,10 +220,7 @@ def grow_channels(x_prev: Array, x_new: Array, n_out: int) -> Array:
   ``n_out - n_in`` channels of ``x_j``.  Requires ``n_in <= n_out <= 2 n_in``.
   """
   n_in = x_new.shape[-1]
-  if not n_in <= n_out <= 2 * n_in:
-    raise ValueError(f"channel change needs n_in <= n_out <= 2 n_in, got "
-                     f"n_in={n_in}, n_out={n_out} (allowed n_out in "
-                     f"[{n_in}, {2 * n_in}])")
+  check_channel_growth(n_in, n_out)
   if x_prev.shape[:-1] != x_new.shape[:-1]:
     raise ValueError(f"x_prev {x_prev.shape} and x_new {x_new.shape} must "
                      "agree in all but the channel axis")

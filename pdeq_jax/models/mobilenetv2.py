@@ -137,11 +137,8 @@ class StableInvertedResidual(nn.Module):
                train: bool = False) -> Array:
     resnet.check_image_input(x)
     n_in = x.shape[-1]
-    if not n_in <= self.features <= 2 * n_in:
-      raise ValueError(f"StableInvertedResidual channel change needs n_in <= "
-                       f"features <= 2 n_in, got n_in={n_in}, "
-                       f"features={self.features} (allowed features in "
-                       f"[{n_in}, {2 * n_in}])")
+    operators.check_channel_growth(
+        n_in, self.features, "StableInvertedResidual channel change", "features")
     hidden = int(round(n_in * self.expansion))
     x = layers.ActQuant(signed=self.input_signed,
                         enabled=self.quantize_activations, name="aq_in")(

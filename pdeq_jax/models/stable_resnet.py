@@ -105,10 +105,8 @@ class StableBlock(nn.Module):
                train: bool = False) -> Array:
     resnet.check_image_input(x)
     n_in = x.shape[-1]
-    if not n_in <= self.features <= 2 * n_in:
-      raise ValueError(f"StableBlock channel change needs n_in <= features <= "
-                       f"2 n_in, got n_in={n_in}, features={self.features} "
-                       f"(allowed features in [{n_in}, {2 * n_in}])")
+    operators.check_channel_growth(
+        n_in, self.features, "StableBlock channel change", "features")
     x = layers.ActQuant(signed=self.input_signed,
                         enabled=self.quantize_activations, name="aq_in")(
                             x, bits.activations)

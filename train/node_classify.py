@@ -12,6 +12,8 @@ the same workdir ends with exactly the result of an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -48,9 +50,25 @@ class NodeTask:
   num_classes: int = flax.struct.field(pytree_node=False)
 
 
+# The development layout keeps the offline datasets beside the repository.
+_SIBLING_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def resolve_data_dir(configured: str) -> Optional[str]:
+  """config value, else $PDEQ_DATA_DIR, else ../shared/data if present, else
+  None (the loader's download cache)."""
+  if configured:
+    return configured
+  if os.environ.get(planetoid.ENV_VAR):
+    return os.environ[planetoid.ENV_VAR]
+  if _SIBLING_DATA_DIR.is_dir():
+    return str(_SIBLING_DATA_DIR)
+  return None
+
+
 def load_task(config: ml_collections.ConfigDict) -> NodeTask:
-  data = planetoid.load_planetoid(config.data.name,
-                                  config.data.get("data_dir") or None)
+  data = planetoid.load_planetoid(
+      config.data.name, resolve_data_dir(config.data.get("data_dir", "")))
   graph = GraphOperator.from_graph(
       data.graph, fold_edge_directions=config.model.fold_edge_directions)
   idx = lambda m: jnp.asarray(np.flatnonzero(np.asarray(m)), jnp.int32)

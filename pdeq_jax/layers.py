@@ -36,7 +36,7 @@ class QuantBits(NamedTuple):
 FLOAT_BITS = QuantBits(None, None)
 
 
-def _positive_alpha(alpha: Array, floor: float = 1e-4) -> Array:
+def positive_alpha(alpha: Array, floor: float = 1e-4) -> Array:
   """Keeps a learned clipping scale positive without changing its gradient."""
   return jnp.maximum(alpha, floor)
 
@@ -62,7 +62,7 @@ class ActQuant(nn.Module):
     if not self.enabled:
       return x
     alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-    return quant.quantize(x, _positive_alpha(alpha), bits, signed=self.signed,
+    return quant.quantize(x, positive_alpha(alpha), bits, signed=self.signed,
                           grid=self.grid, lsq_grad_scale=self.lsq_grad_scale)
 
 
@@ -78,7 +78,7 @@ class WeightQuant(nn.Module):
     if not self.enabled:
       return w
     alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-    return quant.quantize_weight(w, _positive_alpha(alpha), bits, grid=self.grid,
+    return quant.quantize_weight(w, positive_alpha(alpha), bits, grid=self.grid,
                                  lsq_grad_scale=self.lsq_grad_scale)
 
 

@@ -124,55 +124,43 @@ def forward_diff_y(x: ArrayLike) -> Array:
   return x[:, 1:, :, :] - x[:, :-1, :, :]
 
 
+def _forward_diff_adjoint(g: ArrayLike, size: Optional[int], axis: int,
+                          size_name: str, direction: str) -> Array:
+  """Gᵀ g along ``axis`` (1 = height, 2 = width): zero-padded differences."""
+  g = _as_nhwc(g, "g")
+  if size is None:
+    size = g.shape[axis] + 1
+  if g.shape[axis] != size - 1:
+    raise ValueError(
+        f"`g` must have {size_name} `{size_name}` - 1 = {size - 1} (the number "
+        f"of {direction} differences); got shape {tuple(g.shape)}.")
+  pad = [(0, 0)] * 4
+  pad[axis] = (1, 1)
+  gp = jnp.pad(g, pad)
+  n = gp.shape[axis]
+  return (jax.lax.slice_in_dim(gp, 0, n - 1, axis=axis) -
+          jax.lax.slice_in_dim(gp, 1, n, axis=axis))
+
+
 def forward_diff_x_adjoint(g: ArrayLike,
                            width: Optional[int] = None) -> Array:
   """G_xᵀ g (a negative divergence): [N, H, W-1, C] -> [N, H, W, C].
 
   (G_xᵀ g)[..., j, :] = g[..., j-1, :] - g[..., j, :] with g[-1] = g[W-1] = 0,
-  so that <G_x x, g> = <x, G_xᵀ g> exactly.
-
-  Args:
-    g: values on the W-1 horizontal edges, NHWC.
-    width: the width W of the image the differences were taken of; defaults
-      to g's width + 1 (the only consistent value), kept for explicitness.
-
-  Returns:
-    The adjoint applied to `g`, shape [N, H, width, C].
+  so that <G_x x, g> = <x, G_xᵀ g> exactly.  ``width`` (W) defaults to g's
+  width + 1, the only consistent value, and is checked when given.
   """
-  g = _as_nhwc(g, "g")
-  if width is None:
-    width = g.shape[2] + 1
-  if g.shape[2] != width - 1:
-    raise ValueError(
-        f"`g` must have width `width` - 1 = {width - 1} (the number of "
-        f"horizontal differences); got shape {tuple(g.shape)}.")
-  gp = jnp.pad(g, ((0, 0), (0, 0), (1, 1), (0, 0)))
-  return gp[:, :, :-1, :] - gp[:, :, 1:, :]
+  return _forward_diff_adjoint(g, width, 2, "width", "horizontal")
 
 
 def forward_diff_y_adjoint(g: ArrayLike,
                            height: Optional[int] = None) -> Array:
   """G_yᵀ g (a negative divergence): [N, H-1, W, C] -> [N, H, W, C].
 
-  (G_yᵀ g)[:, i] = g[:, i-1] - g[:, i] with g[-1] = g[H-1] = 0.
-
-  Args:
-    g: values on the H-1 vertical edges, NHWC.
-    height: the height H of the image the differences were taken of; defaults
-      to g's height + 1.
-
-  Returns:
-    The adjoint applied to `g`, shape [N, height, W, C].
+  (G_yᵀ g)[:, i] = g[:, i-1] - g[:, i] with g[-1] = g[H-1] = 0.  ``height``
+  defaults to g's height + 1 and is checked when given.
   """
-  g = _as_nhwc(g, "g")
-  if height is None:
-    height = g.shape[1] + 1
-  if g.shape[1] != height - 1:
-    raise ValueError(
-        f"`g` must have height `height` - 1 = {height - 1} (the number of "
-        f"vertical differences); got shape {tuple(g.shape)}.")
-  gp = jnp.pad(g, ((0, 0), (1, 1), (0, 0), (0, 0)))
-  return gp[:, :-1, :, :] - gp[:, 1:, :, :]
+  return _forward_diff_adjoint(g, height, 1, "height", "vertical")
 
 
 # ----------------------------------------------------------------------------

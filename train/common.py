@@ -24,6 +24,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def quiet_absl_logging() -> None:
+  """WARNING level for absl (Orbax logs every save at INFO) unless the user
+  passed --verbosity."""
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def config_to_dict(config: Any) -> Dict[str, Any]:
   if isinstance(config, ml_collections.ConfigDict):
     return config.to_dict()

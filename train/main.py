@@ -16,6 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from train import common
 from train import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,8 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and plots.")
 
 def main(argv):
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  common.quiet_absl_logging()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   flags.mark_flags_as_required(["config", "workdir"])

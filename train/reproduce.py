@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from configs import pde_gcn as gcn_configs
@@ -169,8 +168,7 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
 
 
 def main(argv):
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  common.quiet_absl_logging()
   if len(argv) != 2 or argv[1] != "table7":
     raise app.UsageError("usage: python -m train.reproduce table7 [flags]; "
                          "only table7 (PDE-GCN) is reproducible offline so far")

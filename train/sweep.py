@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 from ml_collections import config_flags
 
@@ -148,8 +147,7 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
 
 
 def main(argv):
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  common.quiet_absl_logging()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   best = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.trials, FLAGS.space,

@@ -165,7 +165,7 @@ class QuantSpec:
 def _maybe_quantize(x, alpha, bits, enabled, spec: QuantSpec):
   if not enabled:
     return x
-  return quant.quantize(x, jnp.maximum(alpha, 1e-4), bits, signed=True,
+  return quant.quantize(x, layers.positive_alpha(alpha), bits, signed=True,
                         grid=spec.grid, lsq_grad_scale=spec.lsq_grad_scale)
 
 

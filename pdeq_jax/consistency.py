@@ -8,7 +8,7 @@ network; symmetric (stable) networks keep it bounded across depth.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,61 @@ def _as_layer_list(hidden: Any) -> list:
   return [hidden[i] for i in range(hidden.shape[0])]
 
 
+def _check_pairs(hq: list, hr: list) -> None:
+  if len(hq) != len(hr):
+    raise ValueError(f"hidden_quantized has {len(hq)} layers, hidden_reference "
+                     f"{len(hr)}")
+  for i, (a, b) in enumerate(zip(hq, hr)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f"layer {i}: shapes differ, {jnp.shape(a)} vs "
+                       f"{jnp.shape(b)}")
+
+
+def squared_error_sums(hidden_quantized: Any, hidden_reference: Any,
+                       example_mask: Optional[Array] = None) -> Dict[str, Array]:
+  """Per-layer sums for a streamed MSE over many batches (jit-able).
+
+  Args:
+    hidden_quantized / hidden_reference: per-layer maps ``[N, ...]`` of one
+      batch (list, dict or stacked array, as for :func:`activation_mse`).
+    example_mask: optional ``[N]`` weights (0 for padding examples).
+
+  Returns:
+    ``sq_err`` [L] = Σ (q - r)², ``sq_ref`` [L] = Σ r², ``count`` [L] = the
+    number of (unmasked) elements; add them over batches and pass the totals
+    to :func:`mse_from_sums`.
+  """
+  hq, hr = _as_layer_list(hidden_quantized), _as_layer_list(hidden_reference)
+  _check_pairs(hq, hr)
+  sq_err, sq_ref, count = [], [], []
+  for a, b in zip(hq, hr):
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    per_example = int(np.prod(a.shape[1:])) if a.ndim > 1 else 1
+    if example_mask is None:
+      w = jnp.ones(a.shape[:1], jnp.float32)
+    else:
+      w = jnp.asarray(example_mask, jnp.float32)
+    flat = lambda t: t.reshape(t.shape[0], -1)
+    sq_err.append(jnp.sum(w * jnp.sum(flat(a - b) ** 2, axis=1)))
+    sq_ref.append(jnp.sum(w * jnp.sum(flat(b) ** 2, axis=1)))
+    count.append(jnp.sum(w) * per_example)
+  return {"sq_err": jnp.stack(sq_err), "sq_ref": jnp.stack(sq_ref),
+          "count": jnp.stack(count)}
+
+
+def mse_from_sums(sums: Dict[str, Any]) -> Dict[str, Any]:
+  """``mse``, ``normalized_mse`` and their layer means from summed totals."""
+  sq_err = np.asarray(sums["sq_err"], np.float64)
+  sq_ref = np.asarray(sums["sq_ref"], np.float64)
+  count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
+  mse = sq_err / count
+  nmse = mse / np.maximum(sq_ref / count, 1e-12)
+  return {"mse": mse, "normalized_mse": nmse,
+          "overall_mse": float(mse.mean()),
+          "overall_normalized_mse": float(nmse.mean())}
+
+
 def activation_mse(hidden_quantized: Any, hidden_reference: Any
                    ) -> Dict[str, np.ndarray]:
   """Per-layer MSE between a b-bit run and the clip-only run of the same weights.
@@ -41,14 +96,9 @@ def activation_mse(hidden_quantized: Any, hidden_reference: Any
     ``overall_mse`` and ``overall_normalized_mse``: their means over layers.
   """
   hq, hr = _as_layer_list(hidden_quantized), _as_layer_list(hidden_reference)
-  if len(hq) != len(hr):
-    raise ValueError(f"hidden_quantized has {len(hq)} layers, hidden_reference "
-                     f"{len(hr)}")
+  _check_pairs(hq, hr)
   mse, nmse = [], []
-  for i, (a, b) in enumerate(zip(hq, hr)):
-    if jnp.shape(a) != jnp.shape(b):
-      raise ValueError(f"layer {i}: shapes differ, {jnp.shape(a)} vs "
-                       f"{jnp.shape(b)}")
+  for a, b in zip(hq, hr):
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     err = float(np.mean((a - b) ** 2))

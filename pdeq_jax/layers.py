@@ -162,6 +162,10 @@ class TVActivation(nn.Module):
 
   def __call__(self, x: Array, sign_form: Optional[bool] = None) -> Array:
     use_sign = self.sign_form if sign_form is None else sign_form
+    # Recorded only when asked for (TV reports), never into init's variables.
+    if self.is_mutable_collection("tv_inputs") and not self.is_initializing():
+      self.sow("tv_inputs", "input", x)
+      self.sow("tv_inputs", "gamma", self.gamma)
     if use_sign:
       return self.act(tv.tv_smooth_sign(x, self.gamma))
     return self.act(tv.tv_smooth(x, self.gamma, eps=self.eps))

@@ -140,6 +140,13 @@ class Checkpointer:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_raw(self, step: Optional[int] = None) -> Any:
+    """The saved tree as nested dicts of arrays, without a target."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    return self.manager.restore(step, args=ocp.args.StandardRestore())
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -2,6 +2,15 @@
 
     python -m train.reproduce table7 --datasets=cora --seeds=5 \
         --workdir=workdirs/table7 [--num_epochs=400] [--forms=sym,nonsym]
+    python -m train.reproduce cnn --pairs=resnet56:stable_resnet56 \
+        --dataset=cifar10 --precisions=fp,4w8a,4w4a --workdir=workdirs/table4
+    python -m train.reproduce cnn --pairs=resnet20:stable_resnet20 \
+        --dataset=cifar10_jpeg --precisions=4w4a --cpu --workdir=workdirs/cpu
+
+``cnn`` runs standard / stable network pairs (Tables 4 and 5) with
+``configs/cifar.py`` and writes ``cnn_table.md`` (accuracy, activation MSE,
+paper values where the paper has them) and
+``layerwise_mse_<pair>_<precision>.png`` (Fig. 3: both nets on one plot).
 
 Writes ``<workdir>/table7.md`` (paper value | ours mean ± std, accuracy and
 activation MSE, wall time per run), ``table7.json`` with every run, and
@@ -21,8 +30,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from configs import cifar as cifar_configs
 from configs import pde_gcn as gcn_configs
 from pdeq_jax import consistency
+from train import classify
 from train import common
 from train import node_classify
 from train import sweep
@@ -41,6 +52,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("patience", None, "Override early-stopping patience.")
   flags.DEFINE_bool("report_only", False,
                     "Only tabulate finished runs; train nothing.")
+  # cnn
+  flags.DEFINE_list("pairs", ["resnet56:stable_resnet56"],
+                    "standard:stable model pairs (cnn).")
+  flags.DEFINE_string("dataset", "cifar10_jpeg", "Image dataset (cnn).")
+  flags.DEFINE_bool("cpu", False, "CPU-sized configs (cnn).")
+  flags.DEFINE_integer("max_train", None, "Training subset size (cnn).")
 
 
 # Table 7 of the paper: (dataset, symmetric, precision) -> (accuracy %, MSE)
@@ -59,6 +76,23 @@ PAPER_TABLE7 = {
     ("pubmed", True, "4w8a"): (80.1, None),
     ("pubmed", False, "4w4a"): (75.1, 5.14),
     ("pubmed", True, "4w4a"): (77.6, 2.52),
+}
+
+
+# Table 4 (CIFAR-10): (model, precision) -> (accuracy %, MSE); MSE is given
+# for the 4W4A rows.
+PAPER_TABLE4 = {
+    ("resnet56", "fp"): (93.8, None), ("stable_resnet56", "fp"): (92.1, None),
+    ("resnet56", "4w8a"): (93.0, None),
+    ("stable_resnet56", "4w8a"): (92.3, None),
+    ("resnet56", "4w4a"): (92.6, 0.076),
+    ("stable_resnet56", "4w4a"): (91.6, 0.024),
+    ("mobilenetv2", "fp"): (94.0, None),
+    ("stable_mobilenetv2", "fp"): (93.1, None),
+    ("mobilenetv2", "4w8a"): (92.9, None),
+    ("stable_mobilenetv2", "4w8a"): (92.2, None),
+    ("mobilenetv2", "4w4a"): (92.4, 0.067),
+    ("stable_mobilenetv2", "4w4a"): (91.6, 0.034),
 }
 
 
@@ -167,11 +201,110 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
   return text
 
 
+def run_cnn(pairs, dataset: str, precisions, seeds: int, workdir: str, *,
+            cpu: bool = False, num_epochs=None, max_train=None,
+            config_overrides: Optional[Dict[str, Any]] = None,
+            report_only: bool = False, verbose: bool = True) -> Dict[str, Any]:
+  """Standard vs stable CNN pairs (Tables 4/5, Fig. 3) for several seeds."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs = []
+  for pair in pairs:
+    names = pair.split(":")
+    if len(names) != 2:
+      raise ValueError(f"--pairs entries must be 'standard:stable', got "
+                       f"{pair!r}")
+    for precision in precisions:
+      for name in names:
+        for seed in range(seeds):
+          arg = f"{name},{dataset},{precision}" + (",cpu" if cpu else "")
+          config = cifar_configs.get_config(arg)
+          config.seed = seed
+          if num_epochs is not None:
+            config.num_epochs = num_epochs
+          if max_train is not None:
+            config.data.max_train = max_train
+          if config_overrides:
+            config = sweep.apply_overrides(config, config_overrides)
+          run_dir = workdir / f"{name}_{precision}" / f"seed{seed}"
+          results_file = run_dir / "results.json"
+          t0 = time.perf_counter()
+          if results_file.exists():
+            results = json.loads(results_file.read_text())
+          elif report_only:
+            continue
+          else:
+            results = classify.train_and_evaluate(config, str(run_dir),
+                                                  verbose=verbose)
+            results["wall_seconds"] = time.perf_counter() - t0
+            common.write_json(results_file, results)
+          results["row"] = (pair, name, precision)
+          runs.append(results)
+          if verbose:
+            print(classify.summary_line(results), flush=True)
+  write_cnn_table(runs, workdir)
+  return {"runs": runs}
+
+
+def write_cnn_table(runs, workdir: pathlib.Path) -> str:
+  grouped: Dict[tuple, list] = {}
+  for r in runs:
+    grouped.setdefault(tuple(r["row"]), []).append(r)
+  rows = []
+  for (pair, name, precision), rs in grouped.items():
+    paper_acc, paper_mse = PAPER_TABLE4.get((name, precision), (None, None))
+    if rs[0]["dataset"] not in ("cifar10", "cifar10_jpeg"):
+      paper_acc = paper_mse = None
+    nmse = [r["act_normalized_mse"] for r in rs if "act_normalized_mse" in r]
+    mse = [r["act_mse"] for r in rs if "act_mse" in r]
+    acc_clip = [r["consistency"]["test_acc_clip_only"] for r in rs
+                if "consistency" in r]
+    rows.append([
+        name, precision.upper(), f"{rs[0]['num_params']:,}", rs[0]["epochs"],
+        "–" if paper_acc is None else f"{paper_acc:.1f}",
+        _mean_std([r["test_acc"] for r in rs], 100.0, 2),
+        _mean_std(acc_clip, 100.0, 2) if acc_clip else "–",
+        "–" if paper_mse is None else f"{paper_mse:.3f}",
+        _mean_std(mse, 1.0, 4) if mse else "–",
+        _mean_std(nmse, 1.0, 4) if nmse else "–",
+        f"{np.mean([r.get('wall_seconds', float('nan')) for r in rs]):.0f}",
+        len(rs)])
+  header = ["model", "bits", "params", "epochs", "paper acc", "ours test acc",
+            "ours acc, clip-only act.", "paper MSE", "ours act MSE",
+            "ours normalised MSE", "wall s / run", "seeds"]
+  text = ("Standard vs stable CNNs: test accuracy of the best-validation model"
+          " (mean ± std over seeds); the same weights with clip-only "
+          "activations; activation MSE between the b-bit and clip-only runs "
+          "(every block's output, mean over blocks; normalised per block by "
+          "the clip-only mean square, Fig. 3).  Paper values: Table 4 "
+          "(CIFAR-10, 400 epochs).\n\n" + common.markdown_table(header, rows))
+  (workdir / "cnn_table.md").write_text(text)
+  common.write_json(workdir / "cnn_table.json", runs)
+  pairs = sorted({(p, prec) for (p, _, prec) in grouped})
+  for pair, precision in pairs:
+    curves = {}
+    for name in pair.split(":"):
+      rs = grouped.get((pair, name, precision), [])
+      if rs and "consistency" in rs[0]:
+        curves[name] = rs[0]["consistency"]["normalized_mse"]
+    if curves:
+      consistency.plot_layerwise_mse(
+          curves, str(workdir / f"layerwise_mse_{pair.replace(':', '_vs_')}_"
+                      f"{precision}.png"),
+          title=f"{precision.upper()} vs clip-only activations (seed 0)")
+  print(text)
+  return text
+
+
 def main(argv):
   common.quiet_absl_logging()
-  if len(argv) != 2 or argv[1] != "table7":
-    raise app.UsageError("usage: python -m train.reproduce table7 [flags]; "
-                         "only table7 (PDE-GCN) is reproducible offline so far")
+  if len(argv) != 2 or argv[1] not in ("table7", "cnn"):
+    raise app.UsageError("usage: python -m train.reproduce table7|cnn [flags]")
+  if argv[1] == "cnn":
+    run_cnn(FLAGS.pairs, FLAGS.dataset, FLAGS.precisions, FLAGS.seeds,
+            FLAGS.workdir, cpu=FLAGS.cpu, num_epochs=FLAGS.num_epochs,
+            max_train=FLAGS.max_train, report_only=FLAGS.report_only)
+    return
   run_table7(FLAGS.datasets, FLAGS.forms, FLAGS.precisions, FLAGS.seeds,
              FLAGS.workdir, FLAGS.num_epochs, FLAGS.patience,
              report_only=FLAGS.report_only)

@@ -4,6 +4,8 @@ import importlib
 
 TRAINERS = {
     "node_classification": "train.node_classify",
+    "image_classification": "train.classify",
+    "pipeline": "train.pipeline",
 }
 
 

@@ -18,13 +18,15 @@ _REGISTRY: Dict[str, Tuple[str, str, dict]] = {
     **{f"resnet{6 * n + 2}": (_RESNET, "ResNet",
                               {"stage_sizes": (n, n, n),
                                "widths": _CIFAR_WIDTHS})
-       for n in (3, 5, 7, 9, 18)},
+       for n in (1, 3, 5, 7, 9, 18)},
     # Wide CIFAR ResNets (64..512), used for CIFAR-100.
     "resnet18": (_RESNET, "ResNet", {"stage_sizes": (2, 2, 2, 2),
                                      "widths": _WIDE_WIDTHS}),
     "resnet34": (_RESNET, "ResNet", {"stage_sizes": (3, 4, 6, 3),
                                      "widths": _WIDE_WIDTHS}),
     # Stable (symmetric) ResNets of Sec. 4.1.
+    "stable_resnet8": (_STABLE_RESNET, "StableResNet",
+                       {"stage_sizes": (1, 1, 1), "widths": _CIFAR_WIDTHS}),
     "stable_resnet20": (_STABLE_RESNET, "StableResNet",
                         {"stage_sizes": (3, 3, 3), "widths": _CIFAR_WIDTHS}),
     "stable_resnet56": (_STABLE_RESNET, "StableResNet",
@@ -35,6 +37,9 @@ _REGISTRY: Dict[str, Tuple[str, str, dict]] = {
     # MobileNetV2 (Eq. 21) and its stable variant (Eq. 22).
     "mobilenetv2": (_MOBILENET, "MobileNetV2", {}),
     "stable_mobilenetv2": (_MOBILENET, "MobileNetV2", {"stable": True}),
+    # ImageNet ResNet-50 (Bottleneck v1.5) and DeepLabV3 (Sec. 5.2).
+    "resnet50": ("pdeq_jax.models.resnet50", "BottleneckResNet", {}),
+    "deeplabv3_resnet50": ("pdeq_jax.models.deeplabv3", "DeepLabV3", {}),
 }
 
 

@@ -31,7 +31,7 @@ Implementation notes (exact rewrites, not approximations):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 from flax import struct
 import flax.linen as nn

@@ -104,6 +104,8 @@ class BasicBlock(nn.Module):
     input_signed: signed quantizer for the block input.
     tv_activation: use ``relu(S(·))`` (TV smoothing, Eq. 14) for both ReLUs.
     tv_sign_form: the TV activations' sign-only inference form.
+    tv_gamma_init: initial γ of the TV activations (small when TV layers are
+      inserted into a trained network).
   """
   features: int
   strides: int = 1
@@ -112,6 +114,7 @@ class BasicBlock(nn.Module):
   input_signed: bool = False
   tv_activation: bool = False
   tv_sign_form: bool = False
+  tv_gamma_init: float = 0.1
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -119,6 +122,7 @@ class BasicBlock(nn.Module):
     norm = batch_norm(train)
     act = lambda name: (layers.TVActivation(act=nn.relu,
                                             sign_form=self.tv_sign_form,
+                                            gamma_init=self.tv_gamma_init,
                                             name=name)
                         if self.tv_activation else nn.relu)
     conv = functools.partial(layers.QuantConv, use_bias=False,
@@ -154,6 +158,7 @@ class ResNet(nn.Module):
     quantize_weights / quantize_activations: structure switches (the first
       convolution and the classifier are always float).
     tv_activation / tv_sign_form: TV-smoothed ReLUs in the blocks (Sec. 3).
+    tv_gamma_init: initial γ of every TV activation.
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 3, 3)
@@ -162,6 +167,7 @@ class ResNet(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
+  tv_gamma_init: float = 0.1
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -189,6 +195,7 @@ class ResNet(nn.Module):
                        quantize_activations=self.quantize_activations,
                        tv_activation=self.tv_activation,
                        tv_sign_form=self.tv_sign_form,
+                       tv_gamma_init=self.tv_gamma_init,
                        name=f"stage{s + 1}_block{b + 1}")(x, bits, train=train)
         hidden.append(x)
     logits = Head(self.num_classes, name="head")(x)

@@ -1,0 +1,637 @@
+"""Image classification trainer (CIFAR ResNets, stable ResNets, MobileNetV2).
+
+    python -m train.main --config=configs/cifar.py:resnet56,cifar10_jpeg,4w4a \
+        --workdir=workdirs/r56_4w4a
+
+Layout as in the Flax ImageNet example: :func:`create_train_state`,
+:func:`make_train_step`, :func:`make_eval_step`, :func:`evaluate` and
+:func:`train_and_evaluate`.
+
+* Data parallel over every device with ``jax.sharding``: a 1-D ``Mesh``
+  named ``"data"``; batches are sharded along it, the train state is
+  replicated.  BatchNorm statistics are computed over the *global* batch (XLA
+  inserts the reductions), so a sharded step equals the single-device step.
+  Multi-host: each process feeds its slice of the global batch
+  (``jax.make_array_from_process_local_data``) after
+  ``jax.distributed.initialize()`` (``config.distributed``).
+* SGD with momentum, cosine decay and (coupled, PyTorch-style) weight decay.
+* Bits are runtime int32 arrays: the gradual schedule of Sec. 5.3 (16 bits,
+  minus one every ``epochs_per_step`` epochs down to the target) never
+  recompiles.
+* Orbax checkpoints every ``checkpoint_every_steps`` steps and at every epoch
+  end.  The batch stream is a pure function of (seed, epoch, batch index), so
+  a run killed anywhere and resumed ends bit-identical to an uninterrupted one.
+* Validation (``data.val_fraction`` of train) selects the reported model;
+  test accuracy is given for the selected and for the final model.
+* At the end: the consistency report of Tables 4/5 and Fig. 3 (accuracy at b
+  bits and with clip-only activations, and the per-layer MSE between the two
+  runs' hidden maps), ``results.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+import optax
+
+from pdeq_jax import consistency
+from pdeq_jax import layers
+from pdeq_jax import models
+from pdeq_jax import quant
+from pdeq_jax import surgery
+from pdeq_jax.data import images as image_data
+from train import common
+
+FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step changes (a pytree, checkpointed as is)."""
+  step: jax.Array
+  params: Any
+  model_state: Any  # the non-parameter collections, e.g. batch_stats
+  opt_state: Any
+
+
+# ----------------------------------------------------------------- config ---
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for bad values before any work is done."""
+  for key in ("weight_bits", "act_bits"):
+    bits = config.quant[key]
+    if bits != FLOAT_BITS:
+      quant.check_bits(bits, f"config.quant.{key}")
+      if bits > 16:
+        raise ValueError(f"config.quant.{key} must be in [2, 16] or "
+                         f"{FLOAT_BITS} (full precision), got {bits}")
+  if config.quant.gradual:
+    quant.check_bits(config.quant.start_bits, "config.quant.start_bits")
+    if config.quant.epochs_per_step < 1:
+      raise ValueError("config.quant.epochs_per_step must be >= 1, got "
+                       f"{config.quant.epochs_per_step}")
+  for key in ("batch_size", "num_epochs"):
+    if int(config[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  if config.optim.schedule not in ("cosine", "constant", "step"):
+    raise ValueError("config.optim.schedule must be 'cosine', 'constant' or "
+                     f"'step', got {config.optim.schedule!r}")
+  if config.init_from and not (pathlib.Path(config.init_from) /
+                               "checkpoints").is_dir():
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
+                            "checkpoints directory there (give the workdir of "
+                            "a finished run)")
+  if config.optim.weight_decay_on not in ("all", "kernels"):
+    raise ValueError("config.optim.weight_decay_on must be 'all' or "
+                     f"'kernels', got {config.optim.weight_decay_on!r}")
+  num_devices = jax.device_count()
+  for key in ("batch_size", "eval_batch_size"):
+    if int(config[key]) % num_devices:
+      raise ValueError(f"config.{key}={config[key]} must be divisible by the "
+                       f"number of devices ({num_devices})")
+
+
+def bits_for_epoch(config: ml_collections.ConfigDict,
+                   epoch: int) -> layers.QuantBits:
+  """Runtime bits of an epoch (gradual schedule or the targets)."""
+  q = config.quant
+
+  def one(target):
+    if target == FLOAT_BITS:
+      return None
+    if q.gradual:
+      return quant.bit_schedule(epoch, target, start_bits=q.start_bits,
+                                epochs_per_step=q.epochs_per_step)
+    return target
+  return layers.QuantBits.make(one(q.weight_bits), one(q.act_bits))
+
+
+def target_bits(config: ml_collections.ConfigDict) -> layers.QuantBits:
+  none_if_float = lambda b: None if b == FLOAT_BITS else b
+  return layers.QuantBits.make(none_if_float(config.quant.weight_bits),
+                               none_if_float(config.quant.act_bits))
+
+
+# ------------------------------------------------------------ model/optim ---
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  options = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  return models.create(
+      config.model.name, num_classes,
+      quantize_activations=config.quant.act_bits != FLOAT_BITS,
+      quantize_weights=config.quant.weight_bits != FLOAT_BITS, **options)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  o = config.optim
+  total = int(config.num_epochs) * steps_per_epoch
+  warmup = int(o.warmup_epochs * steps_per_epoch)
+  if o.schedule == "constant":
+    main = optax.constant_schedule(o.lr)
+  elif o.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        o.lr, {int(e * steps_per_epoch) - warmup: o.step_factor
+               for e in o.step_epochs})
+  else:
+    main = optax.cosine_decay_schedule(o.lr, max(total - warmup, 1))
+  if warmup:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, warmup), main], [warmup])
+  return main
+
+
+def _decay_mask(params, on: str):
+  if on == "all":
+    return jax.tree_util.tree_map(lambda _: True, params)
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: path[-1] == "kernel", params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, params,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD + momentum with coupled weight decay (as ``torch.optim.SGD``)."""
+  o = config.optim
+  return optax.chain(
+      optax.masked(optax.add_decayed_weights(o.weight_decay),
+                   _decay_mask(params, o.weight_decay_on)),
+      optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+                momentum=o.momentum, nesterov=o.nesterov))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model,
+                       image_shape: Tuple[int, ...], steps_per_epoch: int
+                       ) -> Tuple[TrainState, optax.GradientTransformation]:
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      key, dummy, layers.FLOAT_BITS)
+  variables = flax.core.unfreeze(variables)
+  params = variables.pop("params")
+  tx = create_optimizer(config, params, steps_per_epoch)
+  state = TrainState(step=jnp.int32(0), params=params, model_state=variables,
+                     opt_state=tx.init(params))
+  return state, tx
+
+
+def count_params(params) -> Dict[str, int]:
+  """Parameters, with the learned quantizer scales (alpha) counted apart."""
+  total = alphas = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    n = int(np.prod(leaf.shape))
+    total += n
+    if getattr(path[-1], "key", "") == "alpha":
+      alphas += n
+  return {"num_params": total - alphas, "num_alpha": alphas}
+
+
+def load_source_variables(source_workdir: str, which: str = "best") -> Dict[str, Any]:
+  """The variables of another run (its ``best`` or ``final`` model)."""
+  directory = pathlib.Path(source_workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"config.init_from: no checkpoints under "
+                            f"{directory}")
+  if which not in ("best", "final"):
+    raise ValueError(f"config.init_from_model must be 'best' or 'final', got "
+                     f"{which!r}")
+  ckpt = common.Checkpointer(directory)
+  tree = ckpt.restore_raw()
+  ckpt.close()
+  best = tree["best"]
+  if which == "best" and int(np.asarray(best["epoch"])) >= 0:
+    return best["variables"]
+  state = tree["state"]
+  return {"params": state["params"], **state["model_state"]}
+
+
+def init_from_source(config: ml_collections.ConfigDict, state: TrainState,
+                     tx: optax.GradientTransformation,
+                     verbose: bool) -> TrainState:
+  """Starts from another run's weights (two-phase pipeline, Sec. 5.2).
+
+  Shared arrays are copied bit for bit; new ones (TV γ's, α's of a network
+  that was float) keep their initialisation; the optimiser starts afresh.
+  """
+  source = load_source_variables(config.init_from, config.init_from_model)
+  target = {"params": state.params, **state.model_state}
+  merged, report = surgery.transplant_variables(
+      source, target, allow_dropped=tuple(config.init_from_allow_dropped))
+  if verbose:
+    print(f"initialised from {config.init_from} ({config.init_from_model}): "
+          f"{len(report['copied'])} arrays copied, new: {report['new']}, "
+          f"dropped: {report['dropped']}")
+  params = merged.pop("params")
+  return TrainState(step=state.step, params=params, model_state=merged,
+                    opt_state=tx.init(params))
+
+
+# ------------------------------------------------------------------ steps ---
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model, tx: optax.GradientTransformation
+                    ) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
+  """``train_step(state, images, labels, bits) -> (state, metrics)``.
+
+  Pure; jit it with shardings via :func:`jit_train_step`.
+  """
+  def train_step(state: TrainState, images, labels, bits):
+    mutable = list(state.model_state)
+
+    def loss_fn(params):
+      logits, new_model_state = model.apply(
+          {"params": params, **state.model_state}, images, bits, train=True,
+          mutable=mutable)
+      return jnp.mean(cross_entropy(logits, labels)), (logits,
+                                                       new_model_state)
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = TrainState(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
+                       model_state=dict(new_model_state), opt_state=opt_state)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return state, metrics
+  return train_step
+
+
+def make_eval_step(model) -> Callable[..., Dict[str, jax.Array]]:
+  """``eval_step(variables, images, labels, mask, bits)`` -> summed metrics."""
+  def eval_step(variables, images, labels, mask, bits):
+    logits = model.apply(variables, images, bits, train=False)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"correct": jnp.sum(correct * mask),
+            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D data-parallel mesh over ``devices`` (default: all of them)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def shardings(mesh: Mesh) -> Tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch-sharded along the data axis)."""
+  return (NamedSharding(mesh, PartitionSpec()),
+          NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  replicated, batch = shardings(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(replicated, batch, batch, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step, mesh: Mesh):
+  replicated, batch = shardings(mesh)
+  return jax.jit(eval_step,
+                 in_shardings=(replicated, batch, batch, batch, replicated),
+                 out_shardings=replicated)
+
+
+def to_global(batch: Tuple[np.ndarray, ...], mesh: Mesh) -> Tuple[jax.Array, ...]:
+  """Host batch (global, identical on every process) -> sharded jax.Arrays.
+
+  Each process contributes only its own contiguous slice of the global batch.
+  """
+  _, sharding = shardings(mesh)
+  n_proc, index = jax.process_count(), jax.process_index()
+  out = []
+  for x in batch:
+    per_process = x.shape[0] // n_proc
+    local = x[index * per_process:(index + 1) * per_process]
+    out.append(jax.make_array_from_process_local_data(sharding, local,
+                                                      x.shape))
+  return tuple(out)
+
+
+def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray,
+             *, batch_size: int, mean, std, bits: layers.QuantBits,
+             mesh: Mesh) -> Dict[str, float]:
+  """Accuracy and mean loss over every example (padded last batch masked)."""
+  totals = None
+  for batch in image_data.eval_batches(images, labels, batch_size, mean=mean,
+                                       std=std):
+    out = eval_step(variables, *to_global(batch, mesh), bits)
+    totals = out if totals is None else jax.tree_util.tree_map(
+        jnp.add, totals, out)
+  if totals is None:
+    return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"accuracy": float(totals["correct"]) / count,
+          "loss": float(totals["loss"]) / count, "count": int(count)}
+
+
+def evaluate_consistency(model, variables, images: np.ndarray,
+                         labels: np.ndarray, *, batch_size: int, mean, std,
+                         bits: layers.QuantBits, mesh: Mesh,
+                         max_examples: int = 0) -> Dict[str, Any]:
+  """Tables 4/5 and Fig. 3: the same weights run with b-bit activations and
+  with clip-only activations (weights at their b bits in both runs).
+
+  Returns both accuracies and the per-layer (normalised) MSE between the two
+  runs' hidden maps (every block's output), averaged over the examples.
+  """
+  reference_bits = layers.QuantBits(bits.weights,
+                                    quant.bits_as_array(None))
+  replicated, batch_sharding = shardings(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(replicated, batch_sharding,
+                                            batch_sharding, batch_sharding,
+                                            replicated, replicated),
+                     out_shardings=replicated)
+  def step(variables, x, y, mask, bits_q, bits_ref):
+    logits_q, hidden_q = model.apply(variables, x, bits_q, return_hidden=True)
+    logits_r, hidden_r = model.apply(variables, x, bits_ref,
+                                     return_hidden=True)
+    correct = lambda lg: jnp.sum((jnp.argmax(lg, -1) == y) * mask)
+    return {"correct_bits": correct(logits_q),
+            "correct_clip_only": correct(logits_r), "examples": jnp.sum(mask),
+            **consistency.squared_error_sums(hidden_q, hidden_r, mask)}
+
+  if max_examples:
+    images, labels = images[:max_examples], labels[:max_examples]
+  totals = None
+  for batch in image_data.eval_batches(images, labels, batch_size, mean=mean,
+                                       std=std):
+    out = step(variables, *to_global(batch, mesh), bits, reference_bits)
+    totals = out if totals is None else jax.tree_util.tree_map(
+        jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals["examples"])
+  stats = consistency.mse_from_sums(totals)
+  return {"test_acc_bits": float(totals["correct_bits"]) / count,
+          "test_acc_clip_only": float(totals["correct_clip_only"]) / count,
+          "examples": int(count), **stats}
+
+
+# ------------------------------------------------------------------- loop ---
+
+def _host(tree):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def load_data(config: ml_collections.ConfigDict) -> image_data.ImageDataset:
+  d = config.data
+  return image_data.load_image_dataset(
+      d.name, d.data_dir or None, val_fraction=d.val_fraction,
+      split_seed=d.split_seed, max_train=d.max_train or None,
+      max_test=d.max_test or None, cache_dir=d.cache_dir or None)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       max_steps_this_call: Optional[int] = None,
+                       verbose: bool = True,
+                       dataset: Optional[image_data.ImageDataset] = None
+                       ) -> Dict[str, Any]:
+  """Trains, selects on validation, evaluates; returns the results dict.
+
+  Args:
+    config: see ``configs/cifar.py``.
+    workdir: checkpoints, metrics, plots and results go here; an existing run
+      in it is resumed.
+    max_steps_this_call: stop (after a checkpoint) once this many steps ran in
+      this call: simulates a crash in tests.
+    verbose: print progress.
+    dataset: an already-loaded dataset (tests), else ``config.data``.
+  """
+  check_config(config)
+  workdir = common.prepare_workdir(workdir, config)
+  data = dataset if dataset is not None else load_data(config)
+  batch_size = int(config.batch_size)
+  steps_per_epoch = image_data.steps_per_epoch(len(data.train_labels),
+                                               batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f"config.batch_size={batch_size} exceeds the "
+                     f"{len(data.train_labels)} training examples")
+  num_epochs = int(config.num_epochs)
+  total_steps = num_epochs * steps_per_epoch
+
+  model = create_model(config, data.num_classes)
+  state, tx = create_train_state(config, model, data.image_shape,
+                                 steps_per_epoch)
+  sizes = count_params(state.params)
+  mesh = make_mesh()
+  replicated, _ = shardings(mesh)
+  train_step = jit_train_step(make_train_step(model, tx), mesh)
+  eval_step = jit_eval_step(make_eval_step(model), mesh)
+
+  # Host copies: the state's device buffers are donated to the train step.
+  best = {"val_acc": np.asarray(-1.0, np.float32),
+          "epoch": np.asarray(-1, np.int32),
+          "variables": _host({"params": state.params, **state.model_state})}
+  ckpt = common.Checkpointer(workdir / "checkpoints")
+  writer = common.MetricWriter(workdir)
+  if config.init_from and ckpt.latest_step() is None:
+    state = init_from_source(config, state, tx, verbose)
+    best["variables"] = _host({"params": state.params, **state.model_state})
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore({"state": state, "best": best})
+    state, best = restored["state"], restored["best"]
+    if verbose:
+      print(f"resumed from {workdir} at step {int(state.step)}")
+  state = jax.device_put(state, replicated)
+  start_step = int(state.step)
+  writer.truncate_after(start_step)
+
+  saved = {"step": start_step}
+
+  def save(step: int) -> None:
+    if step != saved["step"]:
+      # Host copies: the next step donates the state's device buffers.
+      ckpt.save(step, _host({"state": state, "best": best}), force=True)
+      saved["step"] = step
+
+  stop_step = total_steps if max_steps_this_call is None else min(
+      total_steps, start_step + max_steps_this_call)
+  progress = common.Progress(total_steps, start=start_step, unit="step",
+                             enabled=verbose, every_s=config.progress_every_s)
+  lr_fn = learning_rate_schedule(config, steps_per_epoch)
+  eval_kwargs = dict(batch_size=int(config.eval_batch_size), mean=data.mean,
+                     std=data.std, mesh=mesh)
+  log_every = int(config.log_every_steps)
+  ckpt_every = int(config.checkpoint_every_steps)
+  step = start_step
+  t_start = time.perf_counter()
+  window: list = []
+  while step < stop_step:
+    epoch, start_batch = divmod(step, steps_per_epoch)
+    bits = bits_for_epoch(config, epoch)
+    batches = image_data.prefetch(image_data.train_batches(
+        data.train_images, data.train_labels, batch_size, seed=config.seed,
+        epoch=epoch, mean=data.mean, std=data.std,
+        augment=config.data.augment, start_batch=start_batch),
+        size=int(config.data.prefetch))
+    for images, labels in batches:
+      state, metrics = train_step(state, *to_global((images, labels), mesh),
+                                  bits)
+      step += 1
+      window.append(metrics)
+      if step % log_every == 0 or step % steps_per_epoch == 0:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
+                   for k in window[0]}
+        window = []
+        writer.write(step=step, epoch=step / steps_per_epoch,
+                     lr=float(lr_fn(step - 1)), weight_bits=int(bits.weights),
+                     act_bits=int(bits.activations),
+                     **{f"train_{k}": v for k, v in summary.items()})
+        progress.update(step, items_per_unit=batch_size, item_name="img",
+                        extra=f"epoch {epoch + 1}/{num_epochs} loss "
+                        f"{summary['loss']:.3f} acc {summary['accuracy']:.3f}"
+                        f" bits {int(bits.weights)}W{int(bits.activations)}A")
+      if step % steps_per_epoch == 0:
+        break  # epoch end: evaluate below
+      if ckpt_every and step % ckpt_every == 0:
+        save(step)
+      if step >= stop_step:
+        break
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
+    if step % steps_per_epoch == 0:
+      variables = {"params": state.params, **state.model_state}
+      val = (evaluate(eval_step, variables, data.val_images, data.val_labels,
+                      bits=bits, **eval_kwargs)
+             if len(data.val_labels) else {"accuracy": float("nan"),
+                                           "loss": float("nan")})
+      done_epoch = step // steps_per_epoch - 1
+      # Select only among epochs trained at the target bits (the gradual
+      # schedule's early epochs are a different, higher-precision model).
+      at_target = all(int(a) == int(b) for a, b in
+                      zip(bits, target_bits(config)))
+      if at_target and not np.isnan(val["accuracy"]) and \
+          val["accuracy"] > float(best["val_acc"]):
+        best = {"val_acc": np.asarray(val["accuracy"], np.float32),
+                "epoch": np.asarray(done_epoch, np.int32),
+                "variables": _host(variables)}
+      writer.write(step=step, epoch=done_epoch + 1, val_acc=val["accuracy"],
+                   val_loss=val["loss"], best_val_acc=float(best["val_acc"]),
+                   weight_bits=int(bits.weights),
+                   act_bits=int(bits.activations))
+      if verbose:
+        print(f"epoch {done_epoch + 1}/{num_epochs}: val acc "
+              f"{val['accuracy']:.4f} loss {val['loss']:.4f} (best "
+              f"{float(best['val_acc']):.4f} @ epoch "
+              f"{int(best['epoch']) + 1})", flush=True)
+      save(step)
+    elif step >= stop_step:
+      save(step)  # interrupted mid-epoch (max_steps_this_call)
+  ckpt.close()
+  train_seconds = time.perf_counter() - t_start
+  if step < total_steps:
+    return {"interrupted_at_step": step}
+
+  final_bits = bits_for_epoch(config, num_epochs - 1)
+  final_vars = {"params": state.params, **state.model_state}
+  if int(best["epoch"]) < 0:  # no validation split: select the final model
+    best = {"val_acc": np.asarray(np.nan, np.float32),
+            "epoch": np.asarray(num_epochs - 1, np.int32),
+            "variables": _host(final_vars)}
+  best_vars = jax.device_put(best["variables"], replicated)
+  test_final = evaluate(eval_step, final_vars, data.test_images,
+                        data.test_labels, bits=final_bits, **eval_kwargs)
+  test_best = evaluate(eval_step, best_vars, data.test_images,
+                       data.test_labels, bits=final_bits, **eval_kwargs)
+  results = {
+      "model": config.model.name, "dataset": data.name,
+      "weight_bits": int(config.quant.weight_bits),
+      "act_bits": int(config.quant.act_bits), "seed": int(config.seed),
+      "epochs": num_epochs, "steps": total_steps,
+      "steps_this_call": step - start_step,
+      "best_epoch": int(best["epoch"]) + 1,
+      "val_acc": float(best["val_acc"]),
+      "test_acc": test_best["accuracy"], "test_loss": test_best["loss"],
+      "test_acc_final": test_final["accuracy"],
+      "train_examples": int(len(data.train_labels)),
+      "test_examples": test_best["count"], **sizes,
+      "devices": jax.device_count(),
+      "train_seconds_this_call": train_seconds,
+      "images_per_second": ((step - start_step) * batch_size
+                            / max(train_seconds, 1e-9)),
+  }
+  if config.quant.act_bits != FLOAT_BITS and config.consistency.enabled:
+    stats = evaluate_consistency(
+        model, best_vars, data.test_images, data.test_labels,
+        bits=final_bits, max_examples=int(config.consistency.max_examples),
+        **eval_kwargs)
+    results["consistency"] = stats
+    results["act_mse"] = stats["overall_mse"]
+    results["act_normalized_mse"] = stats["overall_normalized_mse"]
+    common.write_json(workdir / "consistency.json", stats)
+    consistency.plot_layerwise_mse(
+        {config.model.name: stats["normalized_mse"]},
+        str(workdir / "layerwise_mse.png"),
+        title=f"{config.model.name}: {config.quant.act_bits}-bit vs "
+        "clip-only activations")
+  common.write_json(workdir / "results.json", results)
+  (workdir / "report.md").write_text(report_markdown(results))
+  plot_curves(writer.read(), workdir / "curves.png")
+  if verbose:
+    print(summary_line(results))
+  return results
+
+
+def summary_line(r: Dict[str, Any]) -> str:
+  mse = (f", act MSE {r['act_mse']:.4g} (normalised "
+         f"{r['act_normalized_mse']:.4g})" if "act_mse" in r else "")
+  return (f"{r['model']} {r['weight_bits']}W{r['act_bits']}A seed {r['seed']}"
+          f": test {100 * r['test_acc']:.2f}% at best val "
+          f"{100 * r['val_acc']:.2f}% (epoch {r['best_epoch']}), final "
+          f"{100 * r['test_acc_final']:.2f}%{mse}, "
+          f"{r['images_per_second']:.0f} img/s")
+
+
+def report_markdown(r: Dict[str, Any]) -> str:
+  rows = [[k, f"{v:.4f}" if isinstance(v, float) else v]
+          for k, v in r.items() if not isinstance(v, dict)]
+  text = f"# {r['model']} on {r['dataset']}\n\n" + common.markdown_table(
+      ["metric", "value"], rows)
+  if "consistency" in r:
+    c = r["consistency"]
+    text += "\n## Per-layer activation MSE (b-bit vs clip-only)\n\n"
+    text += common.markdown_table(
+        ["layer", "MSE", "normalised MSE"],
+        [[i + 1, f"{m:.4g}", f"{n:.4g}"] for i, (m, n) in
+         enumerate(zip(c["mse"], c["normalized_mse"]))])
+  return text
+
+
+def plot_curves(rows, path) -> None:
+  train = [r for r in rows if "train_loss" in r]
+  val = [r for r in rows if "val_acc" in r]
+  if not train:
+    return
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.plot([r["epoch"] for r in train], [r["train_loss"] for r in train],
+           label="train loss")
+  ax1.set_xlabel("epoch"); ax1.legend(); ax1.grid(alpha=0.3)
+  ax2.plot([r["epoch"] for r in train], [r["train_accuracy"] for r in train],
+           label="train acc")
+  if val:
+    ax2.plot([r["epoch"] for r in val], [r["val_acc"] for r in val],
+             marker="o", label="val acc")
+  ax2.set_xlabel("epoch"); ax2.set_ylim(0, 1); ax2.legend(); ax2.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -18,23 +18,49 @@ Stages (each a complete ``configs/cifar.py`` trainer config, run in
    have the same total training.
 
 Table 2 rows: ``resnet20,cifar100,2w2a`` / ``3w3a`` / ``4w4a`` (FP 70.35).
-Table 1 rows (ImageNet ResNet-50, 3w3a / 4w4a) use ``imagenet2012`` through
-tensorflow-datasets and are configured, not run, here.  Phase lengths follow
-the paper's Cityscapes description (30 epochs, then 10 at lr 1e-3); the paper
-gives none for CIFAR-100 / ImageNet.
+Table 3 rows: ``deeplabv3_resnet50,cityscapes,5w5a`` (and ``fp``) with the
+stages of ``configs/deeplab.py`` (phase 1: 30 epochs, batch 6, lrs 0.01 /
+0.1, poly; phase 2: 10 epochs, batch 4, lr 0.001); set
+``--config.pretrained=<torchvision-format .pth or a finished run>``; the
+``pretrain`` stage is not run for Cityscapes.  ``deeplabv3_resnet50,
+synthetic,5w5a,cpu`` is a small generated-data version.  Phase lengths
+follow the paper's Cityscapes description (30 epochs, then 10 at lr 1e-3);
+the paper gives none for CIFAR-100.
 """
 
 import ml_collections
 
 from configs import cifar
+from configs import deeplab
 
 PHASE1_EPOCHS = 30
 PHASE2_EPOCHS = 10
 
 
+def _segmentation_config(dataset, precision, cpu):
+  w, a = precision
+  suffix = ",cpu" if cpu else ""
+  pretrain = deeplab.get_config(f"{dataset},fp{suffix}")
+  quantize = deeplab.get_config(f"{dataset},{w}w{a}a{suffix}")
+  tv_finetune = deeplab.get_config(f"{dataset},{w}w{a}a,tv{suffix}")
+  tv_finetune.optim.lr = 1e-3
+  tv_finetune.optim.lr_scales = {}
+  if not cpu:
+    tv_finetune.num_epochs = PHASE2_EPOCHS
+    tv_finetune.batch_size = 4
+  tv_finetune.model.tv_gamma_init = 0.05
+  continued = ml_collections.ConfigDict(tv_finetune.to_dict())
+  continued.model.tv_activation = False
+  del continued.model["tv_gamma_init"]
+  return pretrain, quantize, tv_finetune, continued
+
+
 def get_config(arg=None):
   model, dataset, precision, cpu = cifar.parse_arg(
       arg or "resnet20,cifar10_jpeg,4w4a,cpu")
+  if model.startswith("deeplab"):
+    stages = _segmentation_config(dataset, precision, cpu)
+    return _pipeline(*stages, run_pretrain=dataset != "cityscapes")
   base = ",".join([model, dataset])
   suffix = ",cpu" if cpu else ""
   w, a = precision
@@ -62,11 +88,18 @@ def get_config(arg=None):
     quantize.quant.epochs_per_step = 1
     tv_finetune.num_epochs = continued.num_epochs = 2
 
+  return _pipeline(pretrain, quantize, tv_finetune, continued)
+
+
+def _pipeline(pretrain, quantize, tv_finetune, continued, run_pretrain=True):
   config = ml_collections.ConfigDict()
   config.task = "pipeline"
-  config.stages = ("pretrain", "quantize", "tv_finetune", "quantize_continued")
-  config.stage_inputs = {"quantize": "pretrain", "tv_finetune": "quantize",
+  config.stages = (("pretrain",) if run_pretrain else ()) + (
+      "quantize", "tv_finetune", "quantize_continued")
+  config.stage_inputs = {"tv_finetune": "quantize",
                          "quantize_continued": "quantize"}
+  if run_pretrain:
+    config.stage_inputs.quantize = "pretrain"
   config.pretrained = ""  # a finished full-precision run for the first stage
   config.pretrain = pretrain
   config.quantize = quantize

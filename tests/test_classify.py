@@ -20,6 +20,7 @@ from pdeq_jax.data import images as image_data
 from train import classify
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+KEY = jax.random.PRNGKey(0)  # the dropout stream (unused by these nets)
 
 
 def tiny_dataset(n_train=64, n_val=16, n_test=24, hw=16, num_classes=4,
@@ -151,7 +152,7 @@ def test_bit_changes_do_not_recompile(dataset):
                                        dataset.mean, dataset.std))
   y = jnp.asarray(dataset.train_labels[:16])
   for bits in ((8, 8), (6, 5), (4, 4)):
-    state, metrics = step(state, x, y, layers.QuantBits.make(*bits))
+    state, metrics = step(state, x, y, layers.QuantBits.make(*bits), KEY)
     assert np.isfinite(float(metrics["loss"]))
   assert step._cache_size() == 1
   assert int(state.step) == 3
@@ -167,7 +168,7 @@ def test_training_reduces_loss_on_tiny_data(dataset):
   bits = layers.QuantBits.make(4, 4)
   losses = []
   for _ in range(12):
-    state, metrics = step(state, x, y, bits)
+    state, metrics = step(state, x, y, bits, KEY)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
 
@@ -195,7 +196,7 @@ for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
                              data.mean, data.std)
     y = data.train_labels[16 * i:16 * (i + 1)]
     x, y = classify.to_global((x, y), mesh)
-    state, metrics = step(state, x, y, bits)
+    state, metrics = step(state, x, y, bits, jax.random.PRNGKey(0))
   if name == "two":
     assert len(x.sharding.device_set) == 2
   out[name] = [np.asarray(l).ravel().tolist()
@@ -281,9 +282,9 @@ def test_consistency_matches_unstreamed_reference(dataset):
   state, _ = classify.create_train_state(config, model, dataset.image_shape, 4)
   variables = {"params": state.params, **state.model_state}
   bits = layers.QuantBits.make(4, 3)
+  source = classify.ArraySource(dataset)
   run = lambda batch_size: classify.evaluate_consistency(
-      model, variables, dataset.test_images, dataset.test_labels,
-      batch_size=batch_size, mean=dataset.mean, std=dataset.std, bits=bits,
+      model, variables, source.eval_batches("test", batch_size), bits=bits,
       mesh=classify.make_mesh())
   x = jnp.asarray(image_data.normalize(dataset.test_images, dataset.mean,
                                        dataset.std))
@@ -323,7 +324,7 @@ def test_few_steps_on_real_cifar_reduce_loss(data_dir, tmp_path):
       mean=data.mean, std=data.std, augment=False))
   losses = []
   for _ in range(8):
-    state, metrics = step(state, *classify.to_global(batch, mesh), bits)
+    state, metrics = step(state, *classify.to_global(batch, mesh), bits, KEY)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.3, losses
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import jax
@@ -83,14 +83,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "num_epochs"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-  if config.optim.schedule not in ("cosine", "constant", "step"):
-    raise ValueError("config.optim.schedule must be 'cosine', 'constant' or "
-                     f"'step', got {config.optim.schedule!r}")
-  if config.init_from and not (pathlib.Path(config.init_from) /
-                               "checkpoints").is_dir():
-    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
-                            "checkpoints directory there (give the workdir of "
-                            "a finished run)")
+  if config.optim.schedule not in ("cosine", "constant", "step", "poly"):
+    raise ValueError("config.optim.schedule must be 'cosine', 'constant', "
+                     f"'step' or 'poly', got {config.optim.schedule!r}")
+  if config.init_from:
+    path = pathlib.Path(config.init_from)
+    if path.suffix in STATE_DICT_SUFFIXES:
+      if not path.is_file():
+        raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
+                                "such state-dict file")
+    elif not (path / "checkpoints").is_dir():
+      raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
+                              "checkpoints directory there (give the workdir "
+                              "of a finished run, or a .pth/.npz state dict)")
   if config.optim.weight_decay_on not in ("all", "kernels"):
     raise ValueError("config.optim.weight_decay_on must be 'all' or "
                      f"'kernels', got {config.optim.weight_decay_on!r}")
@@ -139,6 +144,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   warmup = int(o.warmup_epochs * steps_per_epoch)
   if o.schedule == "constant":
     main = optax.constant_schedule(o.lr)
+  elif o.schedule == "poly":  # DeepLab's (1 - t/T)^power
+    main = optax.polynomial_schedule(o.lr, 0.0, o.get("poly_power", 0.9),
+                                     max(total - warmup, 1))
   elif o.schedule == "step":
     main = optax.piecewise_constant_schedule(
         o.lr, {int(e * steps_per_epoch) - warmup: o.step_factor
@@ -160,13 +168,33 @@ def _decay_mask(params, on: str):
 
 def create_optimizer(config: ml_collections.ConfigDict, params,
                      steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD + momentum with coupled weight decay (as ``torch.optim.SGD``)."""
+  """SGD + momentum with coupled weight decay (as ``torch.optim.SGD``).
+
+  ``config.optim.lr_scales`` ({top-level module name: factor}, e.g.
+  ``{"backbone": 0.1}`` for DeepLab's encoder at a tenth of the head's
+  learning rate) scales the learning rate of parameter groups.
+  """
   o = config.optim
-  return optax.chain(
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  sgd = lambda scale: optax.chain(
       optax.masked(optax.add_decayed_weights(o.weight_decay),
                    _decay_mask(params, o.weight_decay_on)),
-      optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                momentum=o.momentum, nesterov=o.nesterov))
+      optax.sgd(lambda step: scale * schedule(step), momentum=o.momentum,
+                nesterov=o.nesterov))
+  scales = dict(o.get("lr_scales", {}) or {})
+  if not scales:
+    return sgd(1.0)
+  unknown = sorted(set(scales) - set(params))
+  if unknown:
+    raise ValueError(f"config.optim.lr_scales names {unknown}, which are not "
+                     f"top-level parameter groups of the model "
+                     f"{sorted(params)}")
+  labels = {name: jax.tree_util.tree_map(lambda _, n=name: n if n in scales
+                                         else "default", sub)
+            for name, sub in params.items()}
+  return optax.multi_transform(
+      {"default": sgd(1.0), **{n: sgd(float(f)) for n, f in scales.items()}},
+      labels)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model,
@@ -214,6 +242,26 @@ def load_source_variables(source_workdir: str, which: str = "best") -> Dict[str,
   return {"params": state["params"], **state["model_state"]}
 
 
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".npz")
+
+
+def import_state_dict(path: str, model_name: str, target: Dict[str, Any]):
+  """Pretrained torchvision-format weights (ResNet-50 / DeepLabV3) into
+  ``target``; the quantizer α's and TV γ's keep their initialisation."""
+  from pdeq_jax import torchvision_import  # pylint: disable=import-outside-toplevel
+  state_dict = torchvision_import.load_torch_state_dict(path)
+  if model_name == "deeplabv3_resnet50" and any(
+      k.startswith("classifier.") for k in state_dict):
+    merged = torchvision_import.import_torchvision_deeplabv3(state_dict,
+                                                             target)
+  elif model_name in ("resnet50", "deeplabv3_resnet50"):
+    merged = torchvision_import.import_torchvision_resnet50(state_dict, target)
+  else:
+    raise ValueError(f"config.init_from={path!r}: state dicts can be imported "
+                     f"into resnet50 / deeplabv3_resnet50, not {model_name!r}")
+  return merged, {"copied": sorted(state_dict), "new": [], "dropped": []}
+
+
 def init_from_source(config: ml_collections.ConfigDict, state: TrainState,
                      tx: optax.GradientTransformation,
                      verbose: bool) -> TrainState:
@@ -222,10 +270,14 @@ def init_from_source(config: ml_collections.ConfigDict, state: TrainState,
   Shared arrays are copied bit for bit; new ones (TV γ's, α's of a network
   that was float) keep their initialisation; the optimiser starts afresh.
   """
-  source = load_source_variables(config.init_from, config.init_from_model)
   target = {"params": state.params, **state.model_state}
-  merged, report = surgery.transplant_variables(
-      source, target, allow_dropped=tuple(config.init_from_allow_dropped))
+  if pathlib.Path(config.init_from).suffix in STATE_DICT_SUFFIXES:
+    merged, report = import_state_dict(config.init_from, config.model.name,
+                                       target)
+  else:
+    source = load_source_variables(config.init_from, config.init_from_model)
+    merged, report = surgery.transplant_variables(
+        source, target, allow_dropped=tuple(config.init_from_allow_dropped))
   if verbose:
     print(f"initialised from {config.init_from} ({config.init_from_model}): "
           f"{len(report['copied'])} arrays copied, new: {report['new']}, "
@@ -235,48 +287,132 @@ def init_from_source(config: ml_collections.ConfigDict, state: TrainState,
                     opt_state=tx.init(params))
 
 
-# ------------------------------------------------------------------ steps ---
+# ------------------------------------------------------------------ tasks ---
+
+class Task(NamedTuple):
+  """What the loop optimises and measures: classification, segmentation...
+
+  Attributes:
+    loss: ``(logits, labels) -> (mean loss, {name: mean metric})``.
+    eval_sums: ``(logits, labels, mask [B]) -> {name: sum}`` over a batch,
+      padded examples masked out (jit-able).
+    summarize: host totals of ``eval_sums`` -> ``{name: float}``; must have
+      ``"loss"`` and ``"acc"`` and the ``select`` key.
+    select: the summary key (higher is better) that selects the model.
+  """
+  loss: Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
+  eval_sums: Callable[..., Dict[str, jax.Array]]
+  summarize: Callable[[Dict[str, Any]], Dict[str, float]]
+  select: str = "acc"
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(model, tx: optax.GradientTransformation
-                    ) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
-  """``train_step(state, images, labels, bits) -> (state, metrics)``.
+def classification_loss(logits, labels):
+  return jnp.mean(cross_entropy(logits, labels)), {
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
-  Pure; jit it with shardings via :func:`jit_train_step`.
+
+def classification_sums(logits, labels, mask):
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {"correct": jnp.sum(correct * mask),
+          "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+          "count": jnp.sum(mask)}
+
+
+def classification_summary(totals) -> Dict[str, float]:
+  count = float(totals["count"])
+  return {"acc": float(totals["correct"]) / count,
+          "loss": float(totals["loss"]) / count, "count": int(count)}
+
+
+CLASSIFICATION = Task(classification_loss, classification_sums,
+                      classification_summary, "acc")
+
+
+# ------------------------------------------------------------------- data ---
+
+class ArraySource:
+  """In-memory image-classification data (:class:`ImageDataset`) as batches.
+
+  The interface every trainer data source has: ``name``, ``num_classes``,
+  ``image_shape``, ``num_examples(split)``, ``train_batches(batch_size, seed,
+  epoch, start_batch)`` (a pure function of its arguments, for exact
+  resume) and ``eval_batches(split, batch_size, max_examples)`` (every
+  example once, the last batch padded and masked).
   """
-  def train_step(state: TrainState, images, labels, bits):
+
+  def __init__(self, dataset: image_data.ImageDataset, augment: bool = True,
+               prefetch: int = 2):
+    self.dataset, self.augment, self.prefetch = dataset, augment, prefetch
+    self.name = dataset.name
+    self.num_classes = dataset.num_classes
+    self.image_shape = dataset.image_shape
+
+  def _split(self, split: str):
+    d = self.dataset
+    return {"train": (d.train_images, d.train_labels),
+            "val": (d.val_images, d.val_labels),
+            "test": (d.test_images, d.test_labels)}[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self._split(split)[1])
+
+  def train_batches(self, batch_size: int, seed: int, epoch: int,
+                    start_batch: int = 0):
+    images, labels = self._split("train")
+    return image_data.prefetch(image_data.train_batches(
+        images, labels, batch_size, seed=seed, epoch=epoch,
+        mean=self.dataset.mean, std=self.dataset.std, augment=self.augment,
+        start_batch=start_batch), size=self.prefetch)
+
+  def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
+    images, labels = self._split(split)
+    if max_examples:
+      images, labels = images[:max_examples], labels[:max_examples]
+    return image_data.eval_batches(images, labels, batch_size,
+                                   mean=self.dataset.mean,
+                                   std=self.dataset.std)
+
+
+# ------------------------------------------------------------------ steps ---
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    task: Task = CLASSIFICATION
+                    ) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
+  """``train_step(state, images, labels, bits, rng) -> (state, metrics)``.
+
+  Pure; jit it with shardings via :func:`jit_train_step`.  ``rng`` feeds
+  the models' ``dropout`` stream (models without dropout ignore it).
+  """
+  def train_step(state: TrainState, images, labels, bits, rng):
     mutable = list(state.model_state)
 
     def loss_fn(params):
       logits, new_model_state = model.apply(
           {"params": params, **state.model_state}, images, bits, train=True,
-          mutable=mutable)
-      return jnp.mean(cross_entropy(logits, labels)), (logits,
-                                                       new_model_state)
+          mutable=mutable, rngs={"dropout": rng})
+      loss, metrics = task.loss(logits, labels)
+      return loss, (metrics, new_model_state)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+    (loss, (metrics, new_model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = TrainState(step=state.step + 1,
                        params=optax.apply_updates(state.params, updates),
                        model_state=dict(new_model_state), opt_state=opt_state)
-    metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return state, metrics
+    return state, {"loss": loss, **metrics}
   return train_step
 
 
-def make_eval_step(model) -> Callable[..., Dict[str, jax.Array]]:
+def make_eval_step(model, task: Task = CLASSIFICATION
+                   ) -> Callable[..., Dict[str, jax.Array]]:
   """``eval_step(variables, images, labels, mask, bits)`` -> summed metrics."""
   def eval_step(variables, images, labels, mask, bits):
     logits = model.apply(variables, images, bits, train=False)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"correct": jnp.sum(correct * mask),
-            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
-            "count": jnp.sum(mask)}
+    return task.eval_sums(logits, labels, mask)
   return eval_step
 
 
@@ -295,7 +431,8 @@ def shardings(mesh: Mesh) -> Tuple[NamedSharding, NamedSharding]:
 def jit_train_step(train_step, mesh: Mesh):
   replicated, batch = shardings(mesh)
   return jax.jit(train_step,
-                 in_shardings=(replicated, batch, batch, replicated),
+                 in_shardings=(replicated, batch, batch, replicated,
+                               replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -322,33 +459,36 @@ def to_global(batch: Tuple[np.ndarray, ...], mesh: Mesh) -> Tuple[jax.Array, ...
   return tuple(out)
 
 
-def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray,
-             *, batch_size: int, mean, std, bits: layers.QuantBits,
-             mesh: Mesh) -> Dict[str, float]:
-  """Accuracy and mean loss over every example (padded last batch masked)."""
+def _sum_batches(step_fn, batches, mesh: Mesh):
   totals = None
-  for batch in image_data.eval_batches(images, labels, batch_size, mean=mean,
-                                       std=std):
-    out = eval_step(variables, *to_global(batch, mesh), bits)
+  for batch in batches:
+    out = step_fn(*to_global(batch, mesh))
     totals = out if totals is None else jax.tree_util.tree_map(
         jnp.add, totals, out)
+  return None if totals is None else jax.device_get(totals)
+
+
+def evaluate(eval_step, variables, batches, *, bits: layers.QuantBits,
+             mesh: Mesh, task: Task = CLASSIFICATION) -> Dict[str, float]:
+  """``task.summarize`` of the metric sums over every (unmasked) example."""
+  totals = _sum_batches(
+      lambda x, y, mask: eval_step(variables, x, y, mask, bits), batches,
+      mesh)
   if totals is None:
-    return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  return {"accuracy": float(totals["correct"]) / count,
-          "loss": float(totals["loss"]) / count, "count": int(count)}
+    return {"acc": float("nan"), "loss": float("nan"), task.select:
+            float("nan"), "count": 0}
+  return task.summarize(totals)
 
 
-def evaluate_consistency(model, variables, images: np.ndarray,
-                         labels: np.ndarray, *, batch_size: int, mean, std,
+def evaluate_consistency(model, variables, batches, *,
                          bits: layers.QuantBits, mesh: Mesh,
-                         max_examples: int = 0) -> Dict[str, Any]:
+                         task: Task = CLASSIFICATION) -> Dict[str, Any]:
   """Tables 4/5 and Fig. 3: the same weights run with b-bit activations and
   with clip-only activations (weights at their b bits in both runs).
 
-  Returns both accuracies and the per-layer (normalised) MSE between the two
-  runs' hidden maps (every block's output), averaged over the examples.
+  Returns both runs' metrics (``test_acc_bits``, ``test_acc_clip_only`` and
+  the full summaries) and the per-layer (normalised) MSE between the two
+  runs' hidden maps (every block's output), over all the examples.
   """
   reference_bits = layers.QuantBits(bits.weights,
                                     quant.bits_as_array(None))
@@ -362,25 +502,21 @@ def evaluate_consistency(model, variables, images: np.ndarray,
     logits_q, hidden_q = model.apply(variables, x, bits_q, return_hidden=True)
     logits_r, hidden_r = model.apply(variables, x, bits_ref,
                                      return_hidden=True)
-    correct = lambda lg: jnp.sum((jnp.argmax(lg, -1) == y) * mask)
-    return {"correct_bits": correct(logits_q),
-            "correct_clip_only": correct(logits_r), "examples": jnp.sum(mask),
-            **consistency.squared_error_sums(hidden_q, hidden_r, mask)}
+    return {"bits": task.eval_sums(logits_q, y, mask),
+            "clip_only": task.eval_sums(logits_r, y, mask),
+            "examples": jnp.sum(mask),
+            "mse": consistency.squared_error_sums(hidden_q, hidden_r, mask)}
 
-  if max_examples:
-    images, labels = images[:max_examples], labels[:max_examples]
-  totals = None
-  for batch in image_data.eval_batches(images, labels, batch_size, mean=mean,
-                                       std=std):
-    out = step(variables, *to_global(batch, mesh), bits, reference_bits)
-    totals = out if totals is None else jax.tree_util.tree_map(
-        jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  count = float(totals["examples"])
-  stats = consistency.mse_from_sums(totals)
-  return {"test_acc_bits": float(totals["correct_bits"]) / count,
-          "test_acc_clip_only": float(totals["correct_clip_only"]) / count,
-          "examples": int(count), **stats}
+  totals = _sum_batches(
+      lambda x, y, mask: step(variables, x, y, mask, bits, reference_bits),
+      batches, mesh)
+  summary_q = task.summarize(totals["bits"])
+  summary_r = task.summarize(totals["clip_only"])
+  return {"test_acc_bits": summary_q["acc"],
+          "test_acc_clip_only": summary_r["acc"],
+          "test_metrics_bits": summary_q, "test_metrics_clip_only": summary_r,
+          "examples": int(totals["examples"]),
+          **consistency.mse_from_sums(totals["mse"])}
 
 
 # ------------------------------------------------------------------- loop ---
@@ -395,6 +531,15 @@ def load_data(config: ml_collections.ConfigDict) -> image_data.ImageDataset:
       d.name, d.data_dir or None, val_fraction=d.val_fraction,
       split_seed=d.split_seed, max_train=d.max_train or None,
       max_test=d.max_test or None, cache_dir=d.cache_dir or None)
+
+
+def make_source(config: ml_collections.ConfigDict,
+                dataset: Optional[image_data.ImageDataset] = None
+                ) -> ArraySource:
+  """The trainer's data source (``dataset`` given: tests)."""
+  data = dataset if dataset is not None else load_data(config)
+  return ArraySource(data, augment=config.data.augment,
+                     prefetch=int(config.data.prefetch))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -414,28 +559,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     dataset: an already-loaded dataset (tests), else ``config.data``.
   """
   check_config(config)
+  return run(config, workdir, make_source(config, dataset), CLASSIFICATION,
+             max_steps_this_call=max_steps_this_call, verbose=verbose)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
+        task: Task, *, max_steps_this_call: Optional[int] = None,
+        verbose: bool = True) -> Dict[str, Any]:
+  """The training loop every image task shares (see the module docstring).
+
+  ``source`` is a data source with the interface of :class:`ArraySource`;
+  ``task`` says what is optimised and measured.  Returns the results dict
+  (or ``{"interrupted_at_step": n}`` when ``max_steps_this_call`` stopped
+  it early).
+  """
   workdir = common.prepare_workdir(workdir, config)
-  data = dataset if dataset is not None else load_data(config)
   batch_size = int(config.batch_size)
-  steps_per_epoch = image_data.steps_per_epoch(len(data.train_labels),
-                                               batch_size)
+  num_train = source.num_examples("train")
+  steps_per_epoch = image_data.steps_per_epoch(num_train, batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f"config.batch_size={batch_size} exceeds the "
-                     f"{len(data.train_labels)} training examples")
+                     f"{num_train} training examples")
   num_epochs = int(config.num_epochs)
   total_steps = num_epochs * steps_per_epoch
 
-  model = create_model(config, data.num_classes)
-  state, tx = create_train_state(config, model, data.image_shape,
+  model = create_model(config, source.num_classes)
+  state, tx = create_train_state(config, model, source.image_shape,
                                  steps_per_epoch)
   sizes = count_params(state.params)
   mesh = make_mesh()
   replicated, _ = shardings(mesh)
-  train_step = jit_train_step(make_train_step(model, tx), mesh)
-  eval_step = jit_eval_step(make_eval_step(model), mesh)
+  train_step = jit_train_step(make_train_step(model, tx, task), mesh)
+  eval_step = jit_eval_step(make_eval_step(model, task), mesh)
+  dropout_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  select = task.select
 
   # Host copies: the state's device buffers are donated to the train step.
-  best = {"val_acc": np.asarray(-1.0, np.float32),
+  best = {"val_score": np.asarray(-np.inf, np.float32),
           "epoch": np.asarray(-1, np.int32),
           "variables": _host({"params": state.params, **state.model_state})}
   ckpt = common.Checkpointer(workdir / "checkpoints")
@@ -465,8 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = common.Progress(total_steps, start=start_step, unit="step",
                              enabled=verbose, every_s=config.progress_every_s)
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
-  eval_kwargs = dict(batch_size=int(config.eval_batch_size), mean=data.mean,
-                     std=data.std, mesh=mesh)
+  eval_batch = int(config.eval_batch_size)
   log_every = int(config.log_every_steps)
   ckpt_every = int(config.checkpoint_every_steps)
   step = start_step
@@ -475,14 +634,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   while step < stop_step:
     epoch, start_batch = divmod(step, steps_per_epoch)
     bits = bits_for_epoch(config, epoch)
-    batches = image_data.prefetch(image_data.train_batches(
-        data.train_images, data.train_labels, batch_size, seed=config.seed,
-        epoch=epoch, mean=data.mean, std=data.std,
-        augment=config.data.augment, start_batch=start_batch),
-        size=int(config.data.prefetch))
+    batches = source.train_batches(batch_size, int(config.seed), epoch,
+                                   start_batch)
     for images, labels in batches:
       state, metrics = train_step(state, *to_global((images, labels), mesh),
-                                  bits)
+                                  bits, jax.random.fold_in(dropout_key, step))
       step += 1
       window.append(metrics)
       if step % log_every == 0 or step % steps_per_epoch == 0:
@@ -493,10 +649,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      lr=float(lr_fn(step - 1)), weight_bits=int(bits.weights),
                      act_bits=int(bits.activations),
                      **{f"train_{k}": v for k, v in summary.items()})
+        shown = " ".join(f"{k} {v:.3f}" for k, v in summary.items())
         progress.update(step, items_per_unit=batch_size, item_name="img",
-                        extra=f"epoch {epoch + 1}/{num_epochs} loss "
-                        f"{summary['loss']:.3f} acc {summary['accuracy']:.3f}"
-                        f" bits {int(bits.weights)}W{int(bits.activations)}A")
+                        extra=f"epoch {epoch + 1}/{num_epochs} {shown} bits "
+                        f"{int(bits.weights)}W{int(bits.activations)}A")
       if step % steps_per_epoch == 0:
         break  # epoch end: evaluate below
       if ckpt_every and step % ckpt_every == 0:
@@ -508,28 +664,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       close()
     if step % steps_per_epoch == 0:
       variables = {"params": state.params, **state.model_state}
-      val = (evaluate(eval_step, variables, data.val_images, data.val_labels,
-                      bits=bits, **eval_kwargs)
-             if len(data.val_labels) else {"accuracy": float("nan"),
-                                           "loss": float("nan")})
+      val = evaluate(eval_step, variables,
+                     source.eval_batches("val", eval_batch), bits=bits,
+                     mesh=mesh, task=task)
       done_epoch = step // steps_per_epoch - 1
       # Select only among epochs trained at the target bits (the gradual
       # schedule's early epochs are a different, higher-precision model).
       at_target = all(int(a) == int(b) for a, b in
                       zip(bits, target_bits(config)))
-      if at_target and not np.isnan(val["accuracy"]) and \
-          val["accuracy"] > float(best["val_acc"]):
-        best = {"val_acc": np.asarray(val["accuracy"], np.float32),
+      if at_target and not np.isnan(val[select]) and \
+          val[select] > float(best["val_score"]):
+        best = {"val_score": np.asarray(val[select], np.float32),
                 "epoch": np.asarray(done_epoch, np.int32),
                 "variables": _host(variables)}
-      writer.write(step=step, epoch=done_epoch + 1, val_acc=val["accuracy"],
-                   val_loss=val["loss"], best_val_acc=float(best["val_acc"]),
+      writer.write(step=step, epoch=done_epoch + 1,
+                   **{f"val_{k}": v for k, v in val.items()},
+                   best_val_score=float(best["val_score"]),
                    weight_bits=int(bits.weights),
                    act_bits=int(bits.activations))
       if verbose:
-        print(f"epoch {done_epoch + 1}/{num_epochs}: val acc "
-              f"{val['accuracy']:.4f} loss {val['loss']:.4f} (best "
-              f"{float(best['val_acc']):.4f} @ epoch "
+        shown = " ".join(f"{k} {v:.4f}" for k, v in val.items()
+                         if k != "count")
+        print(f"epoch {done_epoch + 1}/{num_epochs}: val {shown} (best "
+              f"{select} {float(best['val_score']):.4f} @ epoch "
               f"{int(best['epoch']) + 1})", flush=True)
       save(step)
     elif step >= stop_step:
@@ -542,25 +699,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final_bits = bits_for_epoch(config, num_epochs - 1)
   final_vars = {"params": state.params, **state.model_state}
   if int(best["epoch"]) < 0:  # no validation split: select the final model
-    best = {"val_acc": np.asarray(np.nan, np.float32),
+    best = {"val_score": np.asarray(np.nan, np.float32),
             "epoch": np.asarray(num_epochs - 1, np.int32),
             "variables": _host(final_vars)}
   best_vars = jax.device_put(best["variables"], replicated)
-  test_final = evaluate(eval_step, final_vars, data.test_images,
-                        data.test_labels, bits=final_bits, **eval_kwargs)
-  test_best = evaluate(eval_step, best_vars, data.test_images,
-                       data.test_labels, bits=final_bits, **eval_kwargs)
+  test = lambda v: evaluate(eval_step, v, source.eval_batches("test",
+                                                              eval_batch),
+                            bits=final_bits, mesh=mesh, task=task)
+  test_final, test_best = test(final_vars), test(best_vars)
   results = {
-      "model": config.model.name, "dataset": data.name,
+      "model": config.model.name, "dataset": source.name,
       "weight_bits": int(config.quant.weight_bits),
       "act_bits": int(config.quant.act_bits), "seed": int(config.seed),
       "epochs": num_epochs, "steps": total_steps,
       "steps_this_call": step - start_step,
       "best_epoch": int(best["epoch"]) + 1,
-      "val_acc": float(best["val_acc"]),
-      "test_acc": test_best["accuracy"], "test_loss": test_best["loss"],
-      "test_acc_final": test_final["accuracy"],
-      "train_examples": int(len(data.train_labels)),
+      f"val_{select}": float(best["val_score"]),
+      **{f"test_{k}": v for k, v in test_best.items() if k != "count"},
+      **{f"test_{k}_final": v for k, v in test_final.items()
+         if k != "count"},
+      "train_examples": num_train,
       "test_examples": test_best["count"], **sizes,
       "devices": jax.device_count(),
       "train_seconds_this_call": train_seconds,
@@ -569,9 +727,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   }
   if config.quant.act_bits != FLOAT_BITS and config.consistency.enabled:
     stats = evaluate_consistency(
-        model, best_vars, data.test_images, data.test_labels,
-        bits=final_bits, max_examples=int(config.consistency.max_examples),
-        **eval_kwargs)
+        model, best_vars, source.eval_batches(
+            "test", eval_batch, int(config.consistency.max_examples)),
+        bits=final_bits, mesh=mesh, task=task)
     results["consistency"] = stats
     results["act_mse"] = stats["overall_mse"]
     results["act_normalized_mse"] = stats["overall_normalized_mse"]
@@ -592,10 +750,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def summary_line(r: Dict[str, Any]) -> str:
   mse = (f", act MSE {r['act_mse']:.4g} (normalised "
          f"{r['act_normalized_mse']:.4g})" if "act_mse" in r else "")
+  tests = " ".join(f"{k[5:]} {100 * v:.2f}%" for k, v in r.items()
+                   if k.startswith("test_") and not k.endswith("_final")
+                   and k not in ("test_loss", "test_examples")
+                   and isinstance(v, float))
+  vals = " ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in r.items()
+                  if k.startswith("val_") and isinstance(v, float))
   return (f"{r['model']} {r['weight_bits']}W{r['act_bits']}A seed {r['seed']}"
-          f": test {100 * r['test_acc']:.2f}% at best val "
-          f"{100 * r['val_acc']:.2f}% (epoch {r['best_epoch']}), final "
-          f"{100 * r['test_acc_final']:.2f}%{mse}, "
+          f": test {tests} at best val {vals} (epoch {r['best_epoch']}), "
+          f"final test acc {100 * r['test_acc_final']:.2f}%{mse}, "
           f"{r['images_per_second']:.0f} img/s")
 
 
@@ -615,8 +778,9 @@ def report_markdown(r: Dict[str, Any]) -> str:
 
 
 def plot_curves(rows, path) -> None:
+  """Train loss and accuracy per logged step, validation metrics per epoch."""
   train = [r for r in rows if "train_loss" in r]
-  val = [r for r in rows if "val_acc" in r]
+  val = [r for r in rows if "val_loss" in r]
   if not train:
     return
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -625,12 +789,17 @@ def plot_curves(rows, path) -> None:
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ax1.plot([r["epoch"] for r in train], [r["train_loss"] for r in train],
            label="train loss")
-  ax1.set_xlabel("epoch"); ax1.legend(); ax1.grid(alpha=0.3)
-  ax2.plot([r["epoch"] for r in train], [r["train_accuracy"] for r in train],
-           label="train acc")
   if val:
-    ax2.plot([r["epoch"] for r in val], [r["val_acc"] for r in val],
-             marker="o", label="val acc")
+    ax1.plot([r["epoch"] for r in val], [r["val_loss"] for r in val],
+             marker="o", label="val loss")
+  ax1.set_xlabel("epoch"); ax1.legend(); ax1.grid(alpha=0.3)
+  for key in sorted(k for k in train[0] if k.startswith("train_")
+                    and k != "train_loss"):
+    ax2.plot([r["epoch"] for r in train], [r[key] for r in train], label=key)
+  for key in sorted(k for k in (val[0] if val else {}) if k.startswith("val_")
+                    and k not in ("val_loss", "val_count")):
+    ax2.plot([r["epoch"] for r in val], [r[key] for r in val], marker="o",
+             label=key)
   ax2.set_xlabel("epoch"); ax2.set_ylim(0, 1); ax2.legend(); ax2.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

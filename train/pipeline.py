@@ -33,7 +33,6 @@ import ml_collections
 
 from pdeq_jax import layers
 from pdeq_jax import tv
-from pdeq_jax.data import images as image_data
 from train import classify
 from train import common
 from train import tasks
@@ -54,8 +53,8 @@ def check_pipeline_config(config: ml_collections.ConfigDict) -> None:
                        f"{stages[:stages.index(stage)]}")
 
 
-def tv_layer_report(stage_config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                    data: image_data.ImageDataset, num_images: int = 8,
+def tv_layer_report(stage_config: ml_collections.ConfigDict,
+                    workdir: pathlib.Path, source: Any, num_images: int = 8,
                     iters: int = 30) -> List[Dict[str, Any]]:
   """γ and Jacobian spectral norm of every TV activation of a trained stage.
 
@@ -63,10 +62,9 @@ def tv_layer_report(stage_config: ml_collections.ConfigDict, workdir: pathlib.Pa
   :class:`pdeq_jax.layers.TVActivation` sows into) on real test images; the
   norm is estimated by power iteration (:func:`pdeq_jax.tv.tv_jacobian_norm`).
   """
-  model = classify.create_model(stage_config, data.num_classes)
+  model = classify.create_model(stage_config, source.num_classes)
   variables = classify.load_source_variables(str(workdir), "best")
-  x = jnp.asarray(image_data.normalize(data.test_images[:num_images],
-                                       data.mean, data.std))
+  x = jnp.asarray(next(iter(source.eval_batches("test", num_images)))[0])
   bits = classify.target_bits(stage_config)
 
   @jax.jit
@@ -92,7 +90,7 @@ def tv_layer_report(stage_config: ml_collections.ConfigDict, workdir: pathlib.Pa
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        verbose: bool = True, *,
                        max_steps_this_call: Optional[int] = None,
-                       dataset: Optional[image_data.ImageDataset] = None
+                       dataset: Optional[Any] = None
                        ) -> Dict[str, Any]:
   """Runs the stages in order (resuming), then writes the pipeline report.
 
@@ -103,7 +101,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_pipeline_config(config)
   workdir = common.prepare_workdir(workdir, config)
   summary: Dict[str, Any] = {"stages": {}}
-  data = None
   for stage in config.stages:
     stage_config = ml_collections.ConfigDict(config[stage].to_dict())
     source = config.stage_inputs.get(stage, "")
@@ -134,9 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if max_steps_this_call is not None:
         max_steps_this_call -= results["steps_this_call"]
     if stage_config.model.get("tv_activation", False):
-      if data is None:
-        data = dataset or classify.load_data(stage_config)
-      results["tv_layers"] = tv_layer_report(stage_config, stage_dir, data)
+      source = tasks.trainer_for(stage_config.task).make_source(stage_config,
+                                                                dataset)
+      results["tv_layers"] = tv_layer_report(stage_config, stage_dir, source)
     summary["stages"][stage] = results
   common.write_json(workdir / "pipeline.json", summary)
   text = pipeline_markdown(config, summary)
@@ -157,6 +154,7 @@ def pipeline_markdown(config: ml_collections.ConfigDict,
         stage, r["model"], f"{r['weight_bits']}W{r['act_bits']}A",
         "TV" if tv_rows else "", r["epochs"],
         f"{100 * r['test_acc']:.2f}", f"{100 * r['test_acc_final']:.2f}",
+        f"{100 * r['test_miou']:.2f}" if "test_miou" in r else "–",
         "–" if mse is None else f"{mse:.4g}",
         "–" if nmse is None else f"{nmse:.4g}"])
   text = ("# Pipeline\n\nTest accuracy of the best-validation model (and of "
@@ -165,7 +163,8 @@ def pipeline_markdown(config: ml_collections.ConfigDict,
           "per layer by the clip-only mean square).\n\n")
   text += common.markdown_table(
       ["stage", "model", "bits", "TV", "epochs", "test acc %",
-       "final test acc %", "act MSE", "normalised act MSE"], rows)
+       "final test acc %", "test mIoU %", "act MSE", "normalised act MSE"],
+      rows)
   for stage, r in summary["stages"].items():
     if not r.get("tv_layers"):
       continue

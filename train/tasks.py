@@ -5,6 +5,7 @@ import importlib
 TRAINERS = {
     "node_classification": "train.node_classify",
     "image_classification": "train.classify",
+    "segmentation": "train.segment",
     "pipeline": "train.pipeline",
 }
 

@@ -99,7 +99,10 @@ def test_lr_scales_give_the_encoder_a_smaller_step():
 def test_deeplab_trains_on_generated_label_maps(tmp_path):
   config = deeplab_configs.get_config("synthetic,5w5a,cpu")
   config.num_epochs = 2
-  config.data.num_train = 24
+  config.data.num_train = 12  # 3 steps per epoch
+  config.data.num_val = 4
+  config.data.num_test = 4
+  config.log_every_steps = 1
   config.progress_every_s = 1e9
   results = segment.train_and_evaluate(config, str(tmp_path), verbose=False)
   assert 0 <= results["test_miou"] <= 1 and 0 <= results["test_acc"] <= 1

@@ -92,7 +92,8 @@ class InvertedResidual(nn.Module):
     y = conv(hidden, 1, name="conv_expand")(x, bits.weights)
     y = act_quant(name="aq_expand")(nn.relu(norm(name="bn1")(y)),
                                     bits.activations)
-    y = conv(hidden, 3, strides=self.strides, feature_group_count=hidden,
+    y = conv(hidden, 3, strides=self.strides, padding=((1, 1), (1, 1)),
+             feature_group_count=hidden,
              name="conv_dw")(y, bits.weights)
     y = act_quant(name="aq_dw")(nn.relu(norm(name="bn2")(y)),
                                 bits.activations)

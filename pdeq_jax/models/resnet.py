@@ -131,7 +131,10 @@ class BasicBlock(nn.Module):
     x = layers.ActQuant(signed=self.input_signed,
                         enabled=self.quantize_activations, name="aq_in")(
                             x, bits.activations)
-    y = conv(self.features, 3, strides=self.strides, name="conv1")(
+    # padding 1 on both sides, as PyTorch (XLA's "SAME" pads a stride-2
+    # 3x3 convolution only at the bottom/right).
+    y = conv(self.features, 3, strides=self.strides, padding=((1, 1), (1, 1)),
+             name="conv1")(
         x, bits.weights)
     y = act("tv1")(norm(name="bn1")(y))
     y = layers.ActQuant(signed=False, enabled=self.quantize_activations,

@@ -88,7 +88,10 @@ def get_config(arg=None):
     quantize.quant.epochs_per_step = 1
     tv_finetune.num_epochs = continued.num_epochs = 2
 
-  return _pipeline(pretrain, quantize, tv_finetune, continued)
+  # ImageNet (Table 1) starts from pretrained full-precision weights
+  # (--config.pretrained=<torchvision resnet50 .pth or a finished run>).
+  return _pipeline(pretrain, quantize, tv_finetune, continued,
+                   run_pretrain=dataset not in cifar.IMAGENET)
 
 
 def _pipeline(pretrain, quantize, tv_finetune, continued, run_pretrain=True):

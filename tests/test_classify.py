@@ -116,6 +116,18 @@ def test_bad_config_values(key, value, match):
     classify.check_config(tiny_config(**{key: value}))
 
 
+def test_imagenet_table1_is_configured_with_a_clear_data_error():
+  from configs import tv_pipeline  # pylint: disable=import-outside-toplevel
+  config = tv_pipeline.get_config("resnet50,imagenet2012,3w3a")
+  assert config.stages == ("quantize", "tv_finetune", "quantize_continued")
+  assert config.tv_finetune.model.tv_activation
+  assert (config.quantize.quant.weight_bits, config.quantize.quant.act_bits
+          ) == (3, 3)
+  classify.check_config(config.quantize)
+  with pytest.raises(RuntimeError, match="TensorFlow and a prepared"):
+    classify.make_source(config.quantize)
+
+
 def test_unknown_model_names_known_ones(dataset):
   with pytest.raises(ValueError, match="known models"):
     classify.create_model(tiny_config(model="resnet9"), 10)

@@ -377,6 +377,108 @@ class ArraySource:
                                    std=self.dataset.std)
 
 
+class TfdsStreamSource:
+  """A large tfds image-classification set (ImageNet) streamed from disk.
+
+  Needs TensorFlow and a prepared tfds dataset (ImageNet: a manual
+  download); configured for Table 1, not run on the CPU-only development
+  machines (which have neither).  Train: Inception-style random-resized
+  crops + flips at ``image_size``; eval: resize to ``image_size / 0.875`` and
+  centre crop.  ``val_examples`` train images are held out for validation;
+  the tfds ``validation`` split is the test set.  The order is seeded per
+  epoch and ``start_batch`` skips examples, so a resumed run sees the same
+  batches (up to tf.data's determinism guarantees).
+  """
+
+  MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+  STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+  def __init__(self, name: str, data_dir: Optional[str], image_size: int = 224,
+               val_examples: int = 10000, augment: bool = True):
+    try:
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      self.builder = tfds.builder(name, data_dir=data_dir or None)
+      info = self.builder.info
+      total = info.splits["train"].num_examples
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(
+          f"dataset {name!r} needs TensorFlow and a prepared tensorflow-"
+          f"datasets copy (data_dir={data_dir!r}; ImageNet: put the manual "
+          f"download in <data_dir>/downloads/manual and run `tfds build "
+          f"{name}`): {type(e).__name__}: {e}") from e
+    self.tf, self.tfds = tf, tfds
+    self.name, self.image_size, self.augment = name, int(image_size), augment
+    self.num_classes = info.features["label"].num_classes
+    self.image_shape = (self.image_size, self.image_size, 3)
+    self.splits = {"train": f"train[:{total - val_examples}]",
+                   "val": f"train[{total - val_examples}:]",
+                   "test": "validation"}
+    self.sizes = {"train": total - val_examples, "val": val_examples,
+                  "test": info.splits["validation"].num_examples}
+
+  def num_examples(self, split: str) -> int:
+    return self.sizes[split]
+
+  def _decode(self, example, train: bool, seed):
+    tf = self.tf
+    image = tf.io.decode_jpeg(example["image"], channels=3)
+    if train and self.augment:
+      begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
+          area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
+          min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
+      image = tf.slice(image, begin, size)
+      image = tf.image.resize(image, self.image_shape[:2])
+      image = tf.image.stateless_random_flip_left_right(image, seed + 1)
+    else:
+      resize = int(round(self.image_size / 0.875))
+      image = tf.image.resize(image, (resize, resize))
+      image = tf.image.resize_with_crop_or_pad(image, self.image_size,
+                                               self.image_size)
+    image = (image / 255.0 - self.MEAN) / self.STD
+    return image, example["label"]
+
+  def _dataset(self, split: str, shuffle_seed: Optional[int]):
+    tfds = self.tfds
+    read = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    return self.builder.as_dataset(split=self.splits[split],
+                                   shuffle_files=shuffle_seed is not None,
+                                   read_config=read,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
+
+  def train_batches(self, batch_size: int, seed: int, epoch: int,
+                    start_batch: int = 0):
+    tf = self.tf
+    epoch_seed = seed * 100003 + epoch
+    ds = self._dataset("train", epoch_seed).shuffle(
+        16 * batch_size, seed=epoch_seed).enumerate()
+    ds = ds.skip(start_batch * batch_size).map(
+        lambda i, ex: self._decode(ex, True, tf.stack(
+            [tf.cast(epoch_seed, tf.int64), i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    for x, y in self.tfds.as_numpy(ds):
+      yield x.astype(np.float32), y.astype(np.int32)
+
+  def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
+    ds = self._dataset(split, None)
+    if max_examples:
+      ds = ds.take(max_examples)
+    ds = ds.map(lambda ex: self._decode(ex, False, None)).batch(batch_size)
+    for x, y in self.tfds.as_numpy(ds.prefetch(2)):
+      real = len(y)
+      mask = (np.arange(batch_size) < real).astype(np.float32)
+      if real < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]),
+                                        x.dtype)])
+        y = np.concatenate([y, np.zeros(batch_size - real, y.dtype)])
+      yield x.astype(np.float32), y.astype(np.int32), mask
+
+
+STREAMED_DATASETS = ("imagenet2012", "imagenet2012_subset")
+
+
 # ------------------------------------------------------------------ steps ---
 
 def make_train_step(model, tx: optax.GradientTransformation,
@@ -537,6 +639,10 @@ def make_source(config: ml_collections.ConfigDict,
                 dataset: Optional[image_data.ImageDataset] = None
                 ) -> ArraySource:
   """The trainer's data source (``dataset`` given: tests)."""
+  if dataset is None and config.data.name in STREAMED_DATASETS:
+    return TfdsStreamSource(config.data.name, config.data.data_dir,
+                            image_size=config.data.get("image_size", 224),
+                            augment=config.data.augment)
   data = dataset if dataset is not None else load_data(config)
   return ArraySource(data, augment=config.data.augment,
                      prefetch=int(config.data.prefetch))

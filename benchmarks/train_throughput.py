@@ -67,6 +67,7 @@ from pdeq_jax import layers  # noqa: E402
 from pdeq_jax import models  # noqa: E402
 from pdeq_jax.models import resnet as resnet_lib  # noqa: E402
 from pdeq_jax.models import stable_resnet as stable_lib  # noqa: E402
+from train import classify  # noqa: E402
 from train import common  # noqa: E402
 
 NUM_CLASSES = 10
@@ -124,13 +125,9 @@ def make_data(batch: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def count_jax_params(params) -> Tuple[int, int]:
-  total = alphas = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    n = int(np.prod(leaf.shape))
-    total += n
-    if getattr(path[-1], "key", "") == "alpha":
-      alphas += n
-  return total - alphas, alphas
+  """(parameters without alphas, alphas), as the trainer counts them."""
+  sizes = classify.count_params(params)
+  return sizes["num_params"], sizes["num_alpha"]
 
 
 # --------------------------------------------------------------------- JAX ---

@@ -51,7 +51,7 @@ from pdeq_jax import surgery
 from pdeq_jax.data import images as image_data
 from train import common
 
-FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
+FLOAT_BITS = common.FLOAT_BITS
 DATA_AXIS = "data"
 
 
@@ -68,13 +68,7 @@ class TrainState:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before any work is done."""
-  for key in ("weight_bits", "act_bits"):
-    bits = config.quant[key]
-    if bits != FLOAT_BITS:
-      quant.check_bits(bits, f"config.quant.{key}")
-      if bits > 16:
-        raise ValueError(f"config.quant.{key} must be in [2, 16] or "
-                         f"{FLOAT_BITS} (full precision), got {bits}")
+  common.check_bits_config(config)
   if config.quant.gradual:
     quant.check_bits(config.quant.start_bits, "config.quant.start_bits")
     if config.quant.epochs_per_step < 1:
@@ -106,19 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        f"number of devices ({num_devices})")
 
 
-def bits_for_epoch(config: ml_collections.ConfigDict,
-                   epoch: int) -> layers.QuantBits:
-  """Runtime bits of an epoch (gradual schedule or the targets)."""
-  q = config.quant
-
-  def one(target):
-    if target == FLOAT_BITS:
-      return None
-    if q.gradual:
-      return quant.bit_schedule(epoch, target, start_bits=q.start_bits,
-                                epochs_per_step=q.epochs_per_step)
-    return target
-  return layers.QuantBits.make(one(q.weight_bits), one(q.act_bits))
+bits_for_epoch = common.bits_for_epoch
 
 
 def target_bits(config: ml_collections.ConfigDict) -> layers.QuantBits:

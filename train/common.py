@@ -23,6 +23,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pdeq_jax import layers
+from pdeq_jax import quant
+
+FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
+
 
 def quiet_absl_logging() -> None:
   """WARNING level for absl (Orbax logs every save at INFO) unless the user
@@ -203,3 +208,32 @@ def markdown_table(header: list, rows: list) -> str:
            "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------- quantization in configs ---
+
+def check_bits_config(config: ml_collections.ConfigDict) -> None:
+  """``config.quant.{weight,act}_bits`` in [2, 16], or 32 (no quantizer)."""
+  for key in ("weight_bits", "act_bits"):
+    bits = config.quant[key]
+    if bits != FLOAT_BITS:
+      quant.check_bits(bits, f"config.quant.{key}")
+      if bits > 16:
+        raise ValueError(f"config.quant.{key} must be in [2, 16] or "
+                         f"{FLOAT_BITS} (full precision), got {bits}")
+
+
+def bits_for_epoch(config: ml_collections.ConfigDict,
+                   epoch: int) -> layers.QuantBits:
+  """Runtime bits of an epoch: the gradual schedule (Sec. 5.3) when
+  ``config.quant.gradual``, else the targets; 32 -> clip only."""
+  q = config.quant
+
+  def one(target):
+    if target == FLOAT_BITS:
+      return None
+    if q.gradual:
+      return quant.bit_schedule(epoch, target, start_bits=q.start_bits,
+                                epochs_per_step=q.epochs_per_step)
+    return target
+  return layers.QuantBits.make(one(q.weight_bits), one(q.act_bits))

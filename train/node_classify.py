@@ -28,13 +28,12 @@ import optax
 from pdeq_jax import consistency
 from pdeq_jax import layers
 from pdeq_jax import models
-from pdeq_jax import quant
 from pdeq_jax.data import planetoid
 from pdeq_jax.models.pde_gcn import GraphOperator
 from pdeq_jax.models.pde_gcn import SparseFeatures
 from train import common
 
-FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
+FLOAT_BITS = common.FLOAT_BITS
 
 
 @flax.struct.dataclass
@@ -79,14 +78,7 @@ def load_task(config: ml_collections.ConfigDict) -> NodeTask:
                   idx(data.test_mask), int(data.num_classes))
 
 
-def check_bits_config(config: ml_collections.ConfigDict) -> None:
-  for key in ("weight_bits", "act_bits"):
-    bits = config.quant[key]
-    if bits != FLOAT_BITS:
-      quant.check_bits(bits, f"config.quant.{key}")
-      if bits > 16:
-        raise ValueError(f"config.quant.{key} must be in [2, 16] or "
-                         f"{FLOAT_BITS} (full precision), got {bits}")
+check_bits_config = common.check_bits_config
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -120,16 +112,7 @@ def create_optimizer(config: ml_collections.ConfigDict, params) -> optax.Gradien
        "alpha": adam_l2(o.lr_alpha, 0.0)}, labels)
 
 
-def bits_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> layers.QuantBits:
-  q = config.quant
-  def one(target):
-    if target == FLOAT_BITS:
-      return None
-    if q.gradual:
-      return quant.bit_schedule(epoch, target, start_bits=q.start_bits,
-                                epochs_per_step=q.epochs_per_step)
-    return target
-  return layers.QuantBits.make(one(q.weight_bits), one(q.act_bits))
+bits_for_epoch = common.bits_for_epoch
 
 
 def init_params(config, model, task: NodeTask):

@@ -281,6 +281,15 @@ def test_full_run_writes_reports(dataset, tmp_path):
   assert results["test_examples"] == len(dataset.test_labels)
   # Selection only among epochs trained at the target bits.
   assert results["best_epoch"] == 2
+  # The report recomputed from the checkpoint equals the end-of-run one.
+  again = classify.consistency_report(str(tmp_path), dataset=dataset)
+  np.testing.assert_allclose(again["mse"], c["mse"], rtol=1e-6)
+  assert again["test_acc_bits"] == c["test_acc_bits"]
+  fp_dir = tmp_path / "fp"
+  classify.train_and_evaluate(tiny_config(precision="fp", num_epochs=1),
+                              str(fp_dir), verbose=False, dataset=dataset)
+  with pytest.raises(ValueError, match="full-precision"):
+    classify.consistency_report(str(fp_dir), dataset=dataset)
   # A different config in the same workdir is refused.
   other = tiny_config(model="resnet8", precision="4w8a")
   with pytest.raises(ValueError, match="different config"):

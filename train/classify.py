@@ -312,6 +312,7 @@ def classification_summary(totals) -> Dict[str, float]:
 
 CLASSIFICATION = Task(classification_loss, classification_sums,
                       classification_summary, "acc")
+TASK = CLASSIFICATION  # this trainer's task (see train.tasks)
 
 
 # ------------------------------------------------------------------- data ---
@@ -352,8 +353,11 @@ class ArraySource:
 
   def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
     images, labels = self._split(split)
-    if max_examples:
-      images, labels = images[:max_examples], labels[:max_examples]
+    if max_examples and max_examples < len(labels):
+      # A class-balanced subset: the sets are stored class by class, so a
+      # prefix would hold only a few classes.
+      idx = np.sort(image_data.balanced_subset(labels, max_examples, 0))
+      images, labels = images[idx], labels[idx]
     return image_data.eval_batches(images, labels, batch_size,
                                    mean=self.dataset.mean,
                                    std=self.dataset.std)
@@ -833,6 +837,50 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   if verbose:
     print(summary_line(results))
   return results
+
+
+def consistency_report(workdir: str, max_examples: int = 0,
+                       dataset: Optional[Any] = None,
+                       which: str = "best") -> Dict[str, Any]:
+  """Recomputes the consistency report of a finished run (Tables 4/5, Fig. 3).
+
+  Loads the run's ``config.json`` and its ``which`` model, evaluates on
+  ``max_examples`` test images (0: all; a class-balanced subset otherwise)
+  and rewrites ``consistency.json``, ``layerwise_mse.png`` and the
+  consistency entries of ``results.json``.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads(
+      (workdir / "config.json").read_text()))
+  if config.quant.act_bits == FLOAT_BITS:
+    raise ValueError(f"{workdir} is a full-precision run: there is no b-bit "
+                     "vs clip-only comparison to make")
+  from train import tasks  # pylint: disable=import-outside-toplevel
+  trainer = tasks.trainer_for(config.task)
+  task = trainer.TASK
+  source = trainer.make_source(config, dataset)
+  model = create_model(config, source.num_classes)
+  variables = jax.tree_util.tree_map(
+      jnp.asarray, load_source_variables(str(workdir), which))
+  bits = bits_for_epoch(config, int(config.num_epochs) - 1)
+  stats = evaluate_consistency(
+      model, variables, source.eval_batches(
+          "test", int(config.eval_batch_size), max_examples),
+      bits=bits, mesh=make_mesh(), task=task)
+  common.write_json(workdir / "consistency.json", stats)
+  consistency.plot_layerwise_mse(
+      {config.model.name: stats["normalized_mse"]},
+      str(workdir / "layerwise_mse.png"),
+      title=f"{config.model.name}: {config.quant.act_bits}-bit vs clip-only "
+      "activations")
+  results_file = workdir / "results.json"
+  if results_file.exists():
+    results = json.loads(results_file.read_text())
+    results.update(consistency=stats, act_mse=stats["overall_mse"],
+                   act_normalized_mse=stats["overall_normalized_mse"])
+    common.write_json(results_file, results)
+  return stats
 
 
 def summary_line(r: Dict[str, Any]) -> str:

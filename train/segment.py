@@ -81,6 +81,7 @@ def segmentation_summary(totals) -> Dict[str, float]:
 
 SEGMENTATION = classify.Task(segmentation_loss, segmentation_sums,
                              segmentation_summary, select="miou")
+TASK = SEGMENTATION  # this trainer's task (see train.tasks)
 
 
 # ------------------------------------------------------------------ data ---

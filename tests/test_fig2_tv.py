@@ -71,6 +71,19 @@ def test_fixed_alpha_and_nhwc_input():
   assert result["rows"][0]["clipped_fraction"] > 0
 
 
+def test_dead_relu_map_has_zero_error():
+  """A map with nothing above 0 (a dead ReLU channel) quantizes exactly."""
+  result = fig2_tv.tv_quantization_effect(-np.ones((8, 8, 1)), 0.1, (0, 1), 4)
+  for r in result["rows"]:
+    assert r["mse"] == 0.0 and r["unique_codes"] == 1 and r["max"] == 0.0
+  summary = fig2_tv.per_image_summary(
+      np.stack([-np.ones((8, 8, 1)), piecewise_map()[:8, :8, :1]]), 0.1,
+      (1,), 4)
+  assert summary["num_images"] == 2
+  assert [r["steps"] for r in summary["rows"]] == [0, 1]
+  assert summary["rows"][0]["median_mse_ratio"] == 1.0  # the live map only
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(feature_map=np.ones((4, 4))), "feature_map"),
     (dict(gamma_sq=0.0), "gamma_sq"),

@@ -87,6 +87,26 @@ def tv_layer_report(stage_config: ml_collections.ConfigDict,
   return rows
 
 
+def sign_form_accuracy(stage_config: ml_collections.ConfigDict,
+                       workdir: pathlib.Path, source: Any) -> Dict[str, float]:
+  """Test metrics of a TV stage's model with the sign-only inference form
+  of its TV activations (``sign(G x)``: additions and signs only)."""
+  config = ml_collections.ConfigDict(stage_config.to_dict())
+  config.model.tv_sign_form = True
+  task = tasks.trainer_for(config.task).TASK
+  model = classify.create_model(config, source.num_classes)
+  variables = classify.load_source_variables(str(workdir), "best")
+  mesh = classify.make_mesh()
+  eval_step = classify.jit_eval_step(classify.make_eval_step(model, task),
+                                     mesh)
+  metrics = classify.evaluate(
+      eval_step, variables,
+      source.eval_batches("test", int(config.eval_batch_size)),
+      bits=classify.target_bits(config), mesh=mesh, task=task)
+  return {f"test_{k}_sign_form": v for k, v in metrics.items()
+          if k != "count"}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        verbose: bool = True, *,
                        max_steps_this_call: Optional[int] = None,
@@ -134,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       source = tasks.trainer_for(stage_config.task).make_source(stage_config,
                                                                 dataset)
       results["tv_layers"] = tv_layer_report(stage_config, stage_dir, source)
+      results.update(sign_form_accuracy(stage_config, stage_dir, source))
     summary["stages"][stage] = results
   common.write_json(workdir / "pipeline.json", summary)
   text = pipeline_markdown(config, summary)
@@ -154,6 +175,8 @@ def pipeline_markdown(config: ml_collections.ConfigDict,
         stage, r["model"], f"{r['weight_bits']}W{r['act_bits']}A",
         "TV" if tv_rows else "", r["epochs"],
         f"{100 * r['test_acc']:.2f}", f"{100 * r['test_acc_final']:.2f}",
+        f"{100 * r['test_acc_sign_form']:.2f}" if "test_acc_sign_form" in r
+        else "–",
         f"{100 * r['test_miou']:.2f}" if "test_miou" in r else "–",
         "–" if mse is None else f"{mse:.4g}",
         "–" if nmse is None else f"{nmse:.4g}"])
@@ -163,7 +186,8 @@ def pipeline_markdown(config: ml_collections.ConfigDict,
           "per layer by the clip-only mean square).\n\n")
   text += common.markdown_table(
       ["stage", "model", "bits", "TV", "epochs", "test acc %",
-       "final test acc %", "test mIoU %", "act MSE", "normalised act MSE"],
+       "final test acc %", "test acc %, sign-form TV", "test mIoU %",
+       "act MSE", "normalised act MSE"],
       rows)
   for stage, r in summary["stages"].items():
     if not r.get("tv_layers"):

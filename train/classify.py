@@ -453,13 +453,8 @@ class TfdsStreamSource:
       ds = ds.take(max_examples)
     ds = ds.map(lambda ex: self._decode(ex, False, None)).batch(batch_size)
     for x, y in self.tfds.as_numpy(ds.prefetch(2)):
-      real = len(y)
-      mask = (np.arange(batch_size) < real).astype(np.float32)
-      if real < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]),
-                                        x.dtype)])
-        y = np.concatenate([y, np.zeros(batch_size - real, y.dtype)])
-      yield x.astype(np.float32), y.astype(np.int32), mask
+      yield image_data.pad_batch((x.astype(np.float32), y.astype(np.int32)),
+                                 batch_size)
 
 
 STREAMED_DATASETS = ("imagenet2012", "imagenet2012_subset")

@@ -208,16 +208,11 @@ class SegmentationArraySource:
     if max_examples:
       images, labels = images[:max_examples], labels[:max_examples]
     for start in range(0, len(labels), batch_size):
-      x, y = images[start:start + batch_size], labels[start:start + batch_size]
-      real = len(y)
-      if real < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]),
-                                        x.dtype)])
-        y = np.concatenate([y, np.full((batch_size - real, *y.shape[1:]),
-                                       IGNORE_LABEL, y.dtype)])
-      mask = (np.arange(batch_size) < real).astype(np.float32)
-      yield (image_data.normalize(x, self.data.mean, self.data.std),
-             y.astype(np.int32), mask)
+      # Padded label maps are masked (set to the ignore label) by the task.
+      yield image_data.pad_batch(
+          (image_data.normalize(images[start:start + batch_size],
+                                self.data.mean, self.data.std),
+           labels[start:start + batch_size].astype(np.int32)), batch_size)
 
 
 def cityscapes_train_ids(label_ids: np.ndarray) -> np.ndarray:

@@ -394,19 +394,28 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   return _eval_batches(images, labels, batch_size, mean, std)
 
 
+def pad_batch(arrays: Sequence[np.ndarray], batch_size: int
+              ) -> Tuple[np.ndarray, ...]:
+  """Zero-pads every array along axis 0 to ``batch_size``; appends the mask.
+
+  Returns ``(*padded arrays, float32 [batch_size] mask)``, the mask 1 for
+  the real rows and 0 for the padding (every evaluation source's last
+  batch goes through here).
+  """
+  real = arrays[0].shape[0]
+  mask = (np.arange(batch_size) < real).astype(np.float32)
+  if real == batch_size:
+    return (*arrays, mask)
+  return (*(np.concatenate([a, np.zeros((batch_size - real,) + a.shape[1:],
+                                        a.dtype)]) for a in arrays), mask)
+
+
 def _eval_batches(images, labels, batch_size, mean, std):
   n = images.shape[0]
   for start in range(0, n, batch_size):
-    x = normalize(images[start:start + batch_size], mean, std)
-    y = labels[start:start + batch_size].astype(np.int32)
-    real = x.shape[0]
-    mask = np.ones(batch_size, np.float32)
-    if real < batch_size:
-      x = np.concatenate(
-          [x, np.zeros((batch_size - real,) + x.shape[1:], np.float32)])
-      y = np.concatenate([y, np.zeros(batch_size - real, np.int32)])
-      mask[real:] = 0.0
-    yield x, y, mask
+    yield pad_batch((normalize(images[start:start + batch_size], mean, std),
+                     labels[start:start + batch_size].astype(np.int32)),
+                    batch_size)
 
 
 def prefetch(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:

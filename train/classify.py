@@ -31,6 +31,7 @@ Layout as in the Flax ImageNet example: :func:`create_train_state`,
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
@@ -103,10 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 bits_for_epoch = common.bits_for_epoch
 
 
-def target_bits(config: ml_collections.ConfigDict) -> layers.QuantBits:
-  none_if_float = lambda b: None if b == FLOAT_BITS else b
-  return layers.QuantBits.make(none_if_float(config.quant.weight_bits),
-                               none_if_float(config.quant.act_bits))
+target_bits = common.target_bits
 
 
 # ------------------------------------------------------------ model/optim ---
@@ -844,7 +842,6 @@ def consistency_report(workdir: str, max_examples: int = 0,
   and rewrites ``consistency.json``, ``layerwise_mse.png`` and the
   consistency entries of ``results.json``.
   """
-  import json  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads(
       (workdir / "config.json").read_text()))

@@ -223,17 +223,25 @@ def check_bits_config(config: ml_collections.ConfigDict) -> None:
                          f"{FLOAT_BITS} (full precision), got {bits}")
 
 
+def _bits_or_none(bits: int):
+  return None if bits == FLOAT_BITS else bits
+
+
+def target_bits(config: ml_collections.ConfigDict) -> layers.QuantBits:
+  """The configured bits as runtime values (32 -> clip only)."""
+  return layers.QuantBits.make(_bits_or_none(config.quant.weight_bits),
+                               _bits_or_none(config.quant.act_bits))
+
+
 def bits_for_epoch(config: ml_collections.ConfigDict,
                    epoch: int) -> layers.QuantBits:
   """Runtime bits of an epoch: the gradual schedule (Sec. 5.3) when
   ``config.quant.gradual``, else the targets; 32 -> clip only."""
   q = config.quant
-
-  def one(target):
-    if target == FLOAT_BITS:
-      return None
-    if q.gradual:
-      return quant.bit_schedule(epoch, target, start_bits=q.start_bits,
-                                epochs_per_step=q.epochs_per_step)
-    return target
-  return layers.QuantBits.make(one(q.weight_bits), one(q.act_bits))
+  if not q.gradual:
+    return target_bits(config)
+  scheduled = lambda target: quant.bit_schedule(
+      epoch, _bits_or_none(target), start_bits=q.start_bits,
+      epochs_per_step=q.epochs_per_step)
+  return layers.QuantBits.make(scheduled(q.weight_bits),
+                               scheduled(q.act_bits))

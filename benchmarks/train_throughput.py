@@ -65,6 +65,7 @@ import optax  # noqa: E402
 
 from pdeq_jax import layers  # noqa: E402
 from pdeq_jax import models  # noqa: E402
+from pdeq_jax import xla_options  # noqa: E402
 from pdeq_jax.models import resnet as resnet_lib  # noqa: E402
 from pdeq_jax.models import stable_resnet as stable_lib  # noqa: E402
 from train import classify  # noqa: E402
@@ -176,15 +177,19 @@ def jax_bits(precision: str, mode: str):
   return layers.QuantBits(w, a)
 
 
-def compile_jax_step(model, tx, state_like, x, y, precision: str, mode: str):
+def compile_jax_step(model, tx, state_like, x, y, precision: str, mode: str,
+                     compiler_options: Dict[str, Any]):
   """(compiled step taking (state, x, y[, bits]), bits argument or None)."""
   step = make_jax_step(model, tx)
   bits = jax_bits(precision, mode)
   if mode == "traced":
-    lowered = jax.jit(step, donate_argnums=0).lower(state_like, x, y, bits)
+    lowered = jax.jit(step, donate_argnums=0,
+                      compiler_options=compiler_options).lower(
+                          state_like, x, y, bits)
     return lowered.compile(), bits
   lowered = jax.jit(lambda s, xx, yy: step(s, xx, yy, bits),
-                    donate_argnums=0).lower(state_like, x, y)
+                    donate_argnums=0,
+                    compiler_options=compiler_options).lower(state_like, x, y)
   return lowered.compile(), None
 
 
@@ -199,18 +204,24 @@ def xla_memory(compiled) -> Dict[str, int]:
 class JaxRunner:
   """One config's JAX state and compiled step."""
 
-  def __init__(self, name, precision, x, y, mode, seed, compiled_cache):
+  def __init__(self, name, precision, x, y, mode, seed, compiled_cache,
+               xla_defaults: bool = False):
     quantized, _, _ = parse_precision(precision)
+    # The library's per-computation options (pdeq_jax.xla_options, as the
+    # trainers compile), or XLA's defaults (the "before" column).
+    options = {} if xla_defaults else xla_options.compiler_options()
     self.model, self.kind = build_jax_model(name, quantized)
     tx = jax_optimizer()
     self.state = jax.jit(make_jax_init(self.model, tx))(
         jax.random.PRNGKey(seed))
     self.x, self.y = jnp.asarray(x), jnp.asarray(y)
-    key = (name, quantized, precision if mode == "static" else "traced")
+    key = (name, quantized, precision if mode == "static" else "traced",
+           tuple(sorted(options.items())))
     if key not in compiled_cache:
       t0 = time.perf_counter()
       compiled_cache[key] = compile_jax_step(self.model, tx, self.state,
-                                             self.x, self.y, precision, mode)
+                                             self.x, self.y, precision, mode,
+                                             options)
       print(f"  compiled JAX step {name} {key[2]} in "
             f"{time.perf_counter() - t0:.1f}s", flush=True)
     self.compiled, traced_bits = compiled_cache[key]
@@ -617,7 +628,8 @@ def memory_child(spec: str, args) -> None:
     state_like = jax.eval_shape(init, key)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     compiled, bits = compile_jax_step(model, tx, state_like, xj, yj,
-                                      precision, args.bits)
+                                      precision, args.bits,
+                                      xla_options.compiler_options())
     extra = () if bits is None else (bits,)
     jax.block_until_ready((xj, yj, extra))
     baseline = _proc_status_kb("VmRSS")
@@ -739,6 +751,10 @@ def main(argv=None):
   parser.add_argument("--skip_memory", action="store_true",
                       help="skip the peak-RSS subprocesses")
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--xla_defaults", action="store_true",
+                      help="also time the JAX step compiled with XLA's "
+                      "default options (without pdeq_jax.xla_options): the "
+                      "before/after of the library's CPU settings")
   parser.add_argument("--omp_wait_policy", default="passive",
                       choices=("passive", "active", "env"),
                       help="OMP_WAIT_POLICY for torch's OpenMP threads "
@@ -785,10 +801,15 @@ def main(argv=None):
     x, y = make_data(args.batch, args.seed)
     compiled_cache: Dict[Any, Any] = {}
     jax_runners, torch_runners, checks = {}, {}, {}
+    default_runners = {}
     for n, p in configs:
       print(f"setting up {n} {p}", flush=True)
       jr = JaxRunner(n, p, x, y, args.bits, args.seed, compiled_cache)
       jax_runners[n, p] = jr
+      if args.xla_defaults:
+        default_runners[n, p] = JaxRunner(n, p, x, y, args.bits, args.seed,
+                                          compiled_cache, xla_defaults=True)
+        default_runners[n, p].run(args.warmup)
       if n in EXPECTED_PARAMS:
         assert jr.params == EXPECTED_PARAMS[n], (n, jr.params)
       if have_torch:
@@ -808,11 +829,13 @@ def main(argv=None):
       if have_torch:
         torch_runners[n, p].run(args.warmup)
 
-    times = {c: {"jax": [], "torch": []} for c in configs}
-    cpu_times = {c: {"jax": [], "torch": []} for c in configs}
+    sides = (("jax", jax_runners), ("jax_default", default_runners),
+             ("torch", torch_runners))
+    times = {c: {side: [] for side, _ in sides} for c in configs}
+    cpu_times = {c: {side: [] for side, _ in sides} for c in configs}
     for r in range(args.rounds):
       for c in configs:
-        for side, runners in (("jax", jax_runners), ("torch", torch_runners)):
+        for side, runners in sides:
           if c not in runners:
             continue
           cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -821,6 +844,12 @@ def main(argv=None):
           cpu_times[c][side].append((_cpu_seconds() - cpu0) / args.steps)
         line = f"round {r + 1}/{args.rounds} {c[0]} {c[1]}: JAX " + \
             f"{args.batch / times[c]['jax'][-1]:.1f} img/s"
+        if times[c]["jax_default"]:
+          line += (f", JAX with XLA defaults "
+                   f"{args.batch / times[c]['jax_default'][-1]:.1f} img/s")
+        if times[c]["jax_default"]:
+          line += (f", JAX with XLA defaults "
+                   f"{args.batch / times[c]['jax_default'][-1]:.1f} img/s")
         if times[c]["torch"]:
           line += f", PyTorch {args.batch / times[c]['torch'][-1]:.1f} img/s"
         print(line, flush=True)
@@ -844,14 +873,24 @@ def main(argv=None):
     n, p = c
     jr = jax_runners[c]
     jt, tt = times[c]["jax"], times[c]["torch"]
-    rows.append([
-        n, precision_label(p), f"{jr.params:,} + {jr.alphas} α",
-        rate_cell([args.batch / t for t in jt]),
-        rate_cell([args.batch / t for t in tt]),
-        f"{med_ratio(tt, jt):.2f}x" if tt else "–"])
-  table = common.markdown_table(
-      ["model", "bits", "params", "JAX img/s", "PyTorch img/s",
-       "JAX / PyTorch"], rows)
+    dt = times[c]["jax_default"]
+    row = [n, precision_label(p), f"{jr.params:,} + {jr.alphas} α",
+           rate_cell([args.batch / t for t in jt])]
+    if args.xla_defaults:
+      row += [rate_cell([args.batch / t for t in dt]),
+              f"{med_ratio(dt, jt):.2f}x"]
+    row += [rate_cell([args.batch / t for t in tt]),
+            f"{med_ratio(tt, jt):.2f}x" if tt else "–"]
+    if args.xla_defaults:
+      row.append(f"{med_ratio(tt, dt):.2f}x" if tt else "–")
+    rows.append(row)
+  columns = ["model", "bits", "params", "JAX img/s"]
+  if args.xla_defaults:
+    columns += ["JAX img/s, XLA defaults", "speed-up of the library options"]
+  columns += ["PyTorch img/s", "JAX / PyTorch"]
+  if args.xla_defaults:
+    columns.append("JAX with XLA defaults / PyTorch")
+  table = common.markdown_table(columns, rows)
 
   cpu_rows = []
   for c in configs:
@@ -922,6 +961,10 @@ def main(argv=None):
       f"(other jobs share the CPU).\n\n")
   notes = (
       "\nNotes:\n\n"
+      "* JAX img/s: the step compiled as the trainers compile it, with "
+      f"`pdeq_jax.xla_options.compiler_options()` = "
+      f"`{xla_options.compiler_options()}`; XLA defaults: the same step "
+      "compiled without them (`--xla_defaults`).\n"
       "* float = the quantized network with bits None: clipping, no "
       "rounding; fp = no quantizers at all.  With traced bits (the "
       "trainer's way) JAX runs one executable for every precision: it "

@@ -49,6 +49,7 @@ from pdeq_jax import layers
 from pdeq_jax import models
 from pdeq_jax import quant
 from pdeq_jax import surgery
+from pdeq_jax import xla_options
 from pdeq_jax.data import images as image_data
 from train import common
 
@@ -511,17 +512,19 @@ def shardings(mesh: Mesh) -> Tuple[NamedSharding, NamedSharding]:
 
 def jit_train_step(train_step, mesh: Mesh):
   replicated, batch = shardings(mesh)
-  return jax.jit(train_step,
-                 in_shardings=(replicated, batch, batch, replicated,
-                               replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return xla_options.jit(train_step,
+                         in_shardings=(replicated, batch, batch, replicated,
+                                       replicated),
+                         out_shardings=(replicated, replicated),
+                         donate_argnums=(0,))
 
 
 def jit_eval_step(eval_step, mesh: Mesh):
   replicated, batch = shardings(mesh)
-  return jax.jit(eval_step,
-                 in_shardings=(replicated, batch, batch, batch, replicated),
-                 out_shardings=replicated)
+  return xla_options.jit(eval_step,
+                         in_shardings=(replicated, batch, batch, batch,
+                                       replicated),
+                         out_shardings=replicated)
 
 
 def to_global(batch: Tuple[np.ndarray, ...], mesh: Mesh) -> Tuple[jax.Array, ...]:
@@ -575,9 +578,9 @@ def evaluate_consistency(model, variables, batches, *,
                                     quant.bits_as_array(None))
   replicated, batch_sharding = shardings(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(replicated, batch_sharding,
-                                            batch_sharding, batch_sharding,
-                                            replicated, replicated),
+  @functools.partial(xla_options.jit,
+                     in_shardings=(replicated, batch_sharding, batch_sharding,
+                                   batch_sharding, replicated, replicated),
                      out_shardings=replicated)
   def step(variables, x, y, mask, bits_q, bits_ref):
     logits_q, hidden_q = model.apply(variables, x, bits_q, return_hidden=True)

@@ -1,0 +1,105 @@
+"""The per-computation CPU compiler options: when they apply, that they take
+effect, and that they change no numbers (gradients of a quantized ResNet step
+equal the step compiled with XLA's defaults)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pdeq_jax import layers
+from pdeq_jax import models
+from pdeq_jax import xla_options
+
+
+def _ynn_convolutions(hlo_text: str) -> int:
+  """Convolutions inside YNNPACK fusions of an optimised HLO module."""
+  ynn_computations = set(re.findall(
+      r"calls=%([\w.\-]+), backend_config=\{\"fusion_config\":\{\"kind\":"
+      r"\"__ynn_fusion\"", hlo_text))
+  count = 0
+  for name in ynn_computations:
+    body = re.search(r"^%" + re.escape(name) + r" .*?^}", hlo_text,
+                     re.S | re.M)
+    count += body is not None and "convolution(" in body.group(0)
+  return count
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+  monkeypatch.delenv(xla_options.DISABLE_ENV, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+
+
+def test_options_only_on_cpu():
+  assert xla_options.compiler_options("gpu") == {}
+  assert xla_options.compiler_options("tpu") == {}
+  assert xla_options.compiler_options("cpu") == xla_options.CPU_TRAINING_OPTIONS
+
+
+def test_env_and_user_flags_win(monkeypatch):
+  monkeypatch.setenv(xla_options.DISABLE_ENV, "0")
+  assert xla_options.compiler_options("cpu") == {}
+  monkeypatch.setenv(xla_options.DISABLE_ENV, "1")
+  monkeypatch.setenv("XLA_FLAGS",
+                     f"--{xla_options.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT")
+  assert xla_options.compiler_options("cpu") == {}
+
+
+def test_unknown_option_falls_back_with_a_warning(monkeypatch):
+  monkeypatch.setattr(xla_options, "CPU_TRAINING_OPTIONS",
+                      {xla_options.YNN_FUSION_FLAG: "NOT_A_FUSION_TYPE"})
+  with pytest.warns(UserWarning, match="rejects"):
+    assert xla_options.compiler_options("cpu") == {}
+
+
+def test_jit_refuses_its_own_option():
+  with pytest.raises(TypeError, match="compiler_options"):
+    xla_options.jit(lambda x: x, compiler_options={})
+
+
+def _train_step(model):
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def step(params, batch_stats, x, y, bits):
+    def loss_fn(p):
+      logits, new_state = model.apply({"params": p, "batch_stats": batch_stats},
+                                      x, bits, train=True,
+                                      mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, y).mean(), new_state
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return loss, grads, optax.apply_updates(params, updates), new_state
+  return step
+
+
+@pytest.mark.parametrize("name", ["resnet8", "stable_resnet8"])
+def test_gradients_equal_xla_defaults(name):
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU options")
+  model = models.create(name, 10)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((16, 32, 32, 3), np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))
+  variables = model.init(jax.random.PRNGKey(0), x[:1], layers.FLOAT_BITS)
+  bits = layers.QuantBits.make(4, 4)
+  step = _train_step(model)
+  args = (variables["params"], variables["batch_stats"], x, y, bits)
+
+  library = xla_options.jit(step).lower(*args).compile()
+  default = jax.jit(step).lower(*args).compile()
+  assert _ynn_convolutions(library.as_text()) == 0
+  out_library, out_default = library(*args), default(*args)
+  # Eager (op by op) as a third opinion.
+  with jax.disable_jit():
+    out_eager = step(*args)
+  for reference in (out_default, out_eager):
+    for a, b in zip(jax.tree_util.tree_leaves(out_library),
+                    jax.tree_util.tree_leaves(reference)):
+      scale = float(jnp.max(jnp.abs(b))) + 1e-6
+      np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale,
+                                 atol=2e-5)

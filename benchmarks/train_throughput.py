@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import re
@@ -230,6 +231,10 @@ class JaxRunner:
     self.memory = xla_memory(self.compiled)
     self.params, self.alphas = count_jax_params(self.state["params"])
     self.loss = float("nan")
+
+  def release(self) -> None:
+    """Drops the state and executable; the measured fields stay."""
+    self.state = self.compiled = self.x = self.y = None
 
   def host_variables(self):
     return jax.tree_util.tree_map(np.asarray,
@@ -525,6 +530,10 @@ class TorchRunner:
       self.opt.step()
     self.loss = loss.item()
 
+  def release(self) -> None:
+    """Drops the network, optimizer and batch; the measured fields stay."""
+    self.net = self.opt = self.x = self.y = None
+
 
 def check_equivalence(name: str, precision: str, batch: int, seed: int
                       ) -> Dict[str, float]:
@@ -722,6 +731,8 @@ def environment_line(args, have_torch: bool) -> str:
     parts.append("torch: not used")
   parts.append(f"{os.cpu_count()} CPUs")
   parts.append(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if os.environ.get("GLIBC_TUNABLES"):
+    parts.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r}")
   if have_torch:
     parts.append(f"OMP_WAIT_POLICY="
                  f"{os.environ.get('OMP_WAIT_POLICY', '')!r}")
@@ -802,14 +813,24 @@ def main(argv=None):
     compiled_cache: Dict[Any, Any] = {}
     jax_runners, torch_runners, checks = {}, {}, {}
     default_runners = {}
-    for n, p in configs:
+    sides = (("jax", jax_runners), ("jax_default", default_runners),
+             ("torch", torch_runners))
+    times = {c: {side: [] for side, _ in sides} for c in configs}
+    cpu_times = {c: {side: [] for side, _ in sides} for c in configs}
+    # One config at a time (its runners interleaved round by round), then
+    # its states and executables are released: a dozen live 1.5 GB training
+    # states slowed every side by memory pressure.
+    for c in configs:
+      n, p = c
+      if compiled_cache and n not in {k[0] for k in compiled_cache}:
+        compiled_cache.clear()
       print(f"setting up {n} {p}", flush=True)
       jr = JaxRunner(n, p, x, y, args.bits, args.seed, compiled_cache)
-      jax_runners[n, p] = jr
+      jax_runners[c] = jr
       if args.xla_defaults:
-        default_runners[n, p] = JaxRunner(n, p, x, y, args.bits, args.seed,
-                                          compiled_cache, xla_defaults=True)
-        default_runners[n, p].run(args.warmup)
+        default_runners[c] = JaxRunner(n, p, x, y, args.bits, args.seed,
+                                       compiled_cache, xla_defaults=True)
+        default_runners[c].run(args.warmup)
       if n in EXPECTED_PARAMS:
         assert jr.params == EXPECTED_PARAMS[n], (n, jr.params)
       if have_torch:
@@ -817,24 +838,19 @@ def main(argv=None):
         assert (tr.params, tr.alphas) == (jr.params, jr.alphas), (
             f"{n} {p}: PyTorch has {tr.params} params + {tr.alphas} alphas, "
             f"JAX {jr.params} + {jr.alphas}")
-        torch_runners[n, p] = tr
+        torch_runners[c] = tr
         if args.check_batch > 0:
-          checks[n, p] = check_equivalence(n, p, args.check_batch, args.seed)
-          print(f"  check {n} {p}: {check_text(checks[n, p])}", flush=True)
-          if not (checks[n, p]["logits"] < 1e-3 and
-                  checks[n, p]["grad_cos"] > 0.999):
+          checks[c] = check_equivalence(n, p, args.check_batch, args.seed)
+          print(f"  check {n} {p}: {check_text(checks[c])}", flush=True)
+          if not (checks[c]["logits"] < 1e-3 and
+                  checks[c]["grad_cos"] > 0.999):
             raise AssertionError(f"{n} {p}: the PyTorch network does not "
-                                 f"match the JAX one: {checks[n, p]}")
+                                 f"match the JAX one: {checks[c]}")
       jr.run(args.warmup)
       if have_torch:
-        torch_runners[n, p].run(args.warmup)
+        torch_runners[c].run(args.warmup)
 
-    sides = (("jax", jax_runners), ("jax_default", default_runners),
-             ("torch", torch_runners))
-    times = {c: {side: [] for side, _ in sides} for c in configs}
-    cpu_times = {c: {side: [] for side, _ in sides} for c in configs}
-    for r in range(args.rounds):
-      for c in configs:
+      for r in range(args.rounds):
         for side, runners in sides:
           if c not in runners:
             continue
@@ -842,17 +858,18 @@ def main(argv=None):
           runners[c].run(args.steps)
           times[c][side].append((time.perf_counter() - t0) / args.steps)
           cpu_times[c][side].append((_cpu_seconds() - cpu0) / args.steps)
-        line = f"round {r + 1}/{args.rounds} {c[0]} {c[1]}: JAX " + \
+        line = f"round {r + 1}/{args.rounds} {n} {p}: JAX " + \
             f"{args.batch / times[c]['jax'][-1]:.1f} img/s"
-        if times[c]["jax_default"]:
-          line += (f", JAX with XLA defaults "
-                   f"{args.batch / times[c]['jax_default'][-1]:.1f} img/s")
         if times[c]["jax_default"]:
           line += (f", JAX with XLA defaults "
                    f"{args.batch / times[c]['jax_default'][-1]:.1f} img/s")
         if times[c]["torch"]:
           line += f", PyTorch {args.batch / times[c]['torch'][-1]:.1f} img/s"
         print(line, flush=True)
+      for _, runners in sides:
+        if c in runners:
+          runners[c].release()
+      gc.collect()
     load_end = os.getloadavg()
 
     rss = {}

@@ -31,9 +31,14 @@ import jax
 import jax.numpy as jnp
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# YNNPACK for reductions only: convolutions and dots go to Eigen.
+# CNNs: YNNPACK for reductions only; convolutions and dots go to Eigen.
 CPU_TRAINING_OPTIONS: Dict[str, Any] = {
     YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_REDUCE"}
+# Graph networks (many small gathers, scatters, [E, C] matmuls and scalar
+# reductions per layer): no YNNPACK at all; its per-call cost exceeded the
+# work of the small reductions (PDE-GCN on Cora, see benchmarks/README.md).
+CPU_GRAPH_OPTIONS: Dict[str, Any] = {YNN_FUSION_FLAG: ""}
+PRESETS = {"cnn": "CPU_TRAINING_OPTIONS", "graph": "CPU_GRAPH_OPTIONS"}
 DISABLE_ENV = "PDEQ_JAX_CPU_OPTIONS"
 
 
@@ -59,31 +64,38 @@ def _options_accepted(items: tuple) -> bool:
   return True
 
 
-def compiler_options(platform: Optional[str] = None) -> Dict[str, Any]:
+def compiler_options(platform: Optional[str] = None,
+                     workload: str = "cnn") -> Dict[str, Any]:
   """The compiler options for a training/evaluation step on ``platform``.
 
   Args:
     platform: ``'cpu'``, ``'gpu'``, ``'tpu'``...; default: JAX's default
       backend.
+    workload: ``'cnn'`` (:data:`CPU_TRAINING_OPTIONS`) or ``'graph'``
+      (:data:`CPU_GRAPH_OPTIONS`).
 
   Returns:
-    ``CPU_TRAINING_OPTIONS`` on CPU (unless disabled through
-    ``PDEQ_JAX_CPU_OPTIONS=0``, overridden by the same flag in ``XLA_FLAGS``,
-    or unknown to this jaxlib), else ``{}``.
+    The preset on CPU (unless disabled through ``PDEQ_JAX_CPU_OPTIONS=0``,
+    overridden by the same flag in ``XLA_FLAGS``, or unknown to this jaxlib),
+    else ``{}``.
   """
+  if workload not in PRESETS:
+    raise ValueError(f"workload must be one of {sorted(PRESETS)}, got "
+                     f"{workload!r}")
   platform = jax.default_backend() if platform is None else platform
   if platform != "cpu" or os.environ.get(DISABLE_ENV, "1") == "0":
     return {}
-  options = {k: v for k, v in CPU_TRAINING_OPTIONS.items()
-             if not _user_overrides(k)}
+  preset = globals()[PRESETS[workload]]
+  options = {k: v for k, v in preset.items() if not _user_overrides(k)}
   if options and not _options_accepted(tuple(sorted(options.items()))):
     return {}
   return options
 
 
-def jit(fun: Callable, **kwargs) -> Callable:
+def jit(fun: Callable, *, workload: str = "cnn", **kwargs) -> Callable:
   """``jax.jit`` with :func:`compiler_options` of the default backend."""
   if "compiler_options" in kwargs:
     raise TypeError("pdeq_jax.xla_options.jit sets compiler_options itself; "
                     "use jax.jit to pass your own")
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+  return jax.jit(fun, compiler_options=compiler_options(workload=workload),
+                 **kwargs)

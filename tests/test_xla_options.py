@@ -37,6 +37,10 @@ def test_options_only_on_cpu():
   assert xla_options.compiler_options("gpu") == {}
   assert xla_options.compiler_options("tpu") == {}
   assert xla_options.compiler_options("cpu") == xla_options.CPU_TRAINING_OPTIONS
+  assert xla_options.compiler_options("cpu", workload="graph") == \
+      xla_options.CPU_GRAPH_OPTIONS
+  with pytest.raises(ValueError, match="workload"):
+    xla_options.compiler_options("cpu", workload="transformer")
 
 
 def test_env_and_user_flags_win(monkeypatch):

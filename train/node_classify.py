@@ -28,6 +28,7 @@ import optax
 from pdeq_jax import consistency
 from pdeq_jax import layers
 from pdeq_jax import models
+from pdeq_jax import xla_options
 from pdeq_jax.data import planetoid
 from pdeq_jax.models.pde_gcn import GraphOperator
 from pdeq_jax.models.pde_gcn import SparseFeatures
@@ -149,7 +150,7 @@ def make_train_step(model, tx, task: NodeTask):
                          train=True, rngs={"dropout": rng})
     return _nll(logits, task.labels, task.train_idx)
 
-  @jax.jit
+  @functools.partial(xla_options.jit, workload="graph")
   def train_step(params, opt_state, bits, rng, task):
     loss, grads = jax.value_and_grad(loss_fn)(params, task, bits, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -159,7 +160,7 @@ def make_train_step(model, tx, task: NodeTask):
 
 
 def make_eval_step(model, task: NodeTask):
-  @jax.jit
+  @functools.partial(xla_options.jit, workload="graph")
   def eval_step(params, bits, task):
     logits = model.apply({"params": params}, task.features, task.graph, bits)
     return {
@@ -174,7 +175,7 @@ def make_eval_step(model, task: NodeTask):
 def evaluate_consistency(model, params, task: NodeTask, bits: layers.QuantBits
                          ) -> Dict[str, Any]:
   """Accuracy at b bits and clip-only, and the per-layer hidden-state MSE."""
-  @jax.jit
+  @functools.partial(xla_options.jit, workload="graph")
   def run(params, b, task):
     logits, hidden = model.apply({"params": params}, task.features, task.graph,
                                  b, return_hidden=True)

@@ -18,3 +18,51 @@ def test_train_throughput_runs_without_torch(tmp_path):
   table = out.read_text()
   assert "| stable_resnet8 | float" in table
   assert "| stable_resnet8 | 4W4A" in table
+  assert "JAX img/s, XLA defaults" not in table
+
+
+def test_train_throughput_xla_defaults_column(tmp_path):
+  out = tmp_path / "table.md"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/train_throughput.py", "--skip_torch",
+       "--models", "stable_resnet8", "--precisions", "4w4a", "--batch", "4",
+       "--steps", "1", "--rounds", "2", "--warmup", "1", "--check_batch", "0",
+       "--skip_memory", "--xla_defaults", "--output", str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = next(line for line in out.read_text().splitlines()
+             if line.startswith("| stable_resnet8 | 4W4A | 15,194"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # JAX img/s, JAX img/s with XLA defaults, their ratio: all measured
+  assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0
+  assert cells[5].endswith("x") and float(cells[5][:-1]) > 0
+
+
+def test_symmetric_block_runs(tmp_path):
+  out = tmp_path / "table.md"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/symmetric_block.py", "--batch", "2",
+       "--shapes", "8x4", "--steps", "1", "--rounds", "1", "--output",
+       str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = out.read_text()
+  # one kernel vs two: half the weights (+ the quantizers' alphas)
+  assert "| 8x8x4 | float | " in table and "144 / 288" in table
+  assert "| 8x8x4 | 4W4A | " in table and "146 / 291" in table
+
+
+def test_profile_parses_ynn_fusions():
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import profile_train_step  # pylint: disable=import-outside-toplevel
+  hlo = (
+      "%fused_computation.7 (param_0.1: f32[4,8,8,2], param_1.2: f32[8,8,2,3])"
+      " -> f32[4,3,3,3] {\n"
+      "  ROOT %convolution.1 = f32[4,3,3,3]{3,2,1,0} convolution(%param_0.1, "
+      "%param_1.2), window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f\n"
+      "}\n"
+      "  %ynn_fusion.3 = f32[4,3,3,3]{3,2,1,0} fusion(%a, %b), kind=kCustom, "
+      "calls=%fused_computation.7, backend_config={}\n")
+  ops = profile_train_step.ynn_operations(hlo)
+  assert ops == {"ynn_fusion.3": "convolution size=8x8: f32[4,8,8,2] x "
+                                 "f32[8,8,2,3] -> f32[4,3,3,3]"}

@@ -22,7 +22,7 @@ prediction after one epoch, test 51.9%): trial 1 of
         --space=gcn_quant --sweep_seed=1 --config.num_epochs=80 \
         --config.patience=30
 
-val 70.8 (test 71.4); the sweep was stopped after 3 trials (CPU budget).  Its
+val 70.8 (test 71.4); the sweep was stopped during trial 2 (CPU budget).  Its
 alpha learning rate is 65x smaller than Cora's.
 """
 

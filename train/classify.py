@@ -818,21 +818,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
         model, best_vars, source.eval_batches(
             "test", eval_batch, int(config.consistency.max_examples)),
         bits=final_bits, mesh=mesh, task=task)
-    results["consistency"] = stats
-    results["act_mse"] = stats["overall_mse"]
-    results["act_normalized_mse"] = stats["overall_normalized_mse"]
-    common.write_json(workdir / "consistency.json", stats)
-    consistency.plot_layerwise_mse(
-        {config.model.name: stats["normalized_mse"]},
-        str(workdir / "layerwise_mse.png"),
-        title=f"{config.model.name}: {config.quant.act_bits}-bit vs "
-        "clip-only activations")
+    results.update(write_consistency(workdir, config, stats))
   common.write_json(workdir / "results.json", results)
   (workdir / "report.md").write_text(report_markdown(results))
   plot_curves(writer.read(), workdir / "curves.png")
   if verbose:
     print(summary_line(results))
   return results
+
+
+def write_consistency(workdir: pathlib.Path, config, stats: Dict[str, Any]
+                      ) -> Dict[str, Any]:
+  """Writes ``consistency.json`` and ``layerwise_mse.png`` of a run.
+
+  Returns the entries the run's ``results.json`` carries for them.
+  """
+  common.write_json(workdir / "consistency.json", stats)
+  consistency.plot_layerwise_mse(
+      {config.model.name: stats["normalized_mse"]},
+      str(workdir / "layerwise_mse.png"),
+      title=f"{config.model.name}: {config.quant.act_bits}-bit vs clip-only "
+      "activations")
+  return {"consistency": stats, "act_mse": stats["overall_mse"],
+          "act_normalized_mse": stats["overall_normalized_mse"]}
 
 
 def consistency_report(workdir: str, max_examples: int = 0,
@@ -863,17 +871,11 @@ def consistency_report(workdir: str, max_examples: int = 0,
       model, variables, source.eval_batches(
           "test", int(config.eval_batch_size), max_examples),
       bits=bits, mesh=make_mesh(), task=task)
-  common.write_json(workdir / "consistency.json", stats)
-  consistency.plot_layerwise_mse(
-      {config.model.name: stats["normalized_mse"]},
-      str(workdir / "layerwise_mse.png"),
-      title=f"{config.model.name}: {config.quant.act_bits}-bit vs clip-only "
-      "activations")
+  entries = write_consistency(workdir, config, stats)
   results_file = workdir / "results.json"
   if results_file.exists():
     results = json.loads(results_file.read_text())
-    results.update(consistency=stats, act_mse=stats["overall_mse"],
-                   act_normalized_mse=stats["overall_normalized_mse"])
+    results.update(entries)
     common.write_json(results_file, results)
   return stats
 

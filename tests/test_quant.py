@@ -124,6 +124,30 @@ def test_alpha_gradient_is_eq11(bits, alpha, seed, sg, lsq):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
+@given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=4),
+       seed=seed_st)
+def test_sum_all_equals_float64_sum(shape, seed):
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  got = jax.jit(quant.sum_all)(jnp.asarray(x))
+  chex.assert_shape(got, ())
+  np.testing.assert_allclose(got, np.sum(x, dtype=np.float64), rtol=1e-5,
+                             atol=1e-5)
+
+
+@given(bits=bits_st, alpha=alpha_st, seed=seed_st)
+def test_alpha_gradient_of_a_matrix_is_eq11(bits, alpha, seed):
+  """[E, C] inputs (the GCN edge features) take the matrix-vector sum."""
+  x = _sample(seed, alpha, n=6 * 5).reshape(6, 5)
+  cot = jnp.asarray(np.random.default_rng(seed + 1).normal(size=x.shape),
+                    jnp.float32)
+  (got,) = jax.vjp(lambda a: quant.quantize(x, a, bits, signed=True),
+                   jnp.float32(alpha))[1](cot)
+  (flat,) = jax.vjp(lambda a: quant.quantize(x.reshape(-1), a, bits,
+                                             signed=True),
+                    jnp.float32(alpha))[1](cot.reshape(-1))
+  np.testing.assert_allclose(got, flat, rtol=1e-5, atol=1e-5)
+
+
 @given(alpha=alpha_st, seed=seed_st, signed=st.booleans())
 def test_gradients_match_finite_differences_of_clip_only_map(alpha, seed,
                                                              signed):

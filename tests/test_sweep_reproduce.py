@@ -1,6 +1,9 @@
 """The sweep and reproduction commands on real Cora, at toy budgets."""
 import json
 
+import numpy as np
+import pytest
+
 from configs import pde_gcn as gcn_configs
 from train import reproduce
 from train import sweep
@@ -41,3 +44,21 @@ def test_reproduce_table7_writes_a_markdown_table(data_dir, tmp_path,
   assert "| cora | non-sym | 4W4A | 75.7 |" in table
   assert (tmp_path / "layerwise_mse_cora_4w4a.png").exists()
   assert len(out["runs"][0]["consistency"]["mse"]) == 3
+
+
+def test_every_search_space_names_config_keys_and_stays_in_bounds():
+  config = gcn_configs.get_config("cora,sym,4w8a")
+  rng = np.random.default_rng(0)
+  for space in sweep.SPACES:
+    for _ in range(20):
+      overrides = sweep.sample_overrides(space, rng)
+      assert set(overrides) == set(sweep.SPACES[space])
+      assert all(v > 0 for v in overrides.values())
+      applied = sweep.apply_overrides(config, overrides)
+      for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        assert applied[section][key] == pytest.approx(value)
+  with pytest.raises(ValueError, match="--space must be one of"):
+    sweep.sample_overrides("no_such_space", rng)
+  with pytest.raises(ValueError, match="names no config key"):
+    sweep.apply_overrides(config, {"model.no_such_key": 1.0})

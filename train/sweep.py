@@ -74,6 +74,14 @@ SPACES: Dict[str, Dict[str, Callable[[np.random.Generator], Any]]] = {
         # multiple of the data-calibrated alpha (model.alpha_init_mode="max")
         "model.alpha_init": _log_uniform(0.5, 2.0),
     },
+    # Only the quantizers' parameters, on top of a float-precision winner
+    # given as --config overrides: at 8 bits rounding costs little and the
+    # clipping range (alpha at init and how fast it follows the growing
+    # states) decides whether the quantized row keeps the float accuracy.
+    "alpha": {
+        "model.alpha_init": _log_uniform(0.5, 4.0),
+        "optim.lr_alpha": _log_uniform(1e-5, 3e-3),
+    },
 }
 
 

@@ -110,6 +110,26 @@ def activation_mse(hidden_quantized: Any, hidden_reference: Any
           "overall_normalized_mse": float(nmse.mean())}
 
 
+def rounding_noise_ratio(mse: Any, step: Any) -> np.ndarray:
+  """Per-layer MSE in units of one rounding's noise power ``step² / 12``.
+
+  ``step`` [L] is the grid step of each layer's quantizer
+  (:func:`pdeq_jax.quant.grid_step`).  Rounding values spread inside the
+  clipping range adds ``step² / 12`` per entry, so a ratio of ~1 means a
+  layer's b-bit state differs from the clip-only one by that layer's own
+  rounding only, and a ratio growing with depth means the network amplifies
+  the earlier layers' errors.  Unlike the MSE itself it does not scale with
+  the learned alpha, so networks with different clipping ranges (e.g. the
+  symmetric and non-symmetric PDE-GCN, tuned separately) can be compared.
+  """
+  mse = np.asarray(mse, np.float64)
+  step = np.asarray(step, np.float64)
+  if mse.shape != step.shape:
+    raise ValueError(f"mse has shape {mse.shape} but step {step.shape}: one "
+                     "grid step per layer is needed")
+  return mse / np.maximum(step ** 2 / 12.0, 1e-30)
+
+
 def plot_layerwise_mse(curves: Dict[str, Sequence[float]], path: str,
                        title: str = "", normalized: bool = True) -> None:
   """One line per network (e.g. symmetric vs non-symmetric), like Fig. 3."""

@@ -102,6 +102,18 @@ def num_levels(bits: Bits, *, signed: bool, grid: Grid = "uniform") -> Array:
   return jnp.exp2(b) - 1.0
 
 
+def grid_step(alpha: Any, bits: Bits, *, signed: bool,
+              grid: Grid = "uniform") -> Array:
+  """Spacing of adjacent quantization levels, in value units.
+
+  ``alpha / Q_max`` on the uniform grids; ``2 alpha / Q_max`` on the mid-rise
+  grid (odd codes, two apart).
+  """
+  step = jnp.asarray(alpha, jnp.float32) / num_levels(bits, signed=signed,
+                                                      grid=grid)
+  return 2.0 * step if (signed and grid == "midrise") else step
+
+
 def _round_to_grid(t: Array, levels: Array, signed: bool, grid: str) -> Array:
   """Integer codes (as float) of ``t`` in [lo, 1] on a grid of ``levels``."""
   if signed and grid == "midrise":

@@ -74,6 +74,21 @@ def test_quantized_run_reports_consistency(data_dir, tmp_path):
   assert all(m > 0 for m in stats["mse"]), "4-bit must differ from clip-only"
   assert results["act_mse"] == pytest.approx(np.mean(stats["mse"]))
   assert (tmp_path / "layerwise_mse.png").exists()
+  ratio = np.asarray(stats["mse_over_rounding_noise"])
+  assert ratio.shape == (4,) and np.all(ratio > 0)
+  # the first layer's state carries only the opening layer's rounding (plus
+  # clipping differences), so it sits near one rounding's noise power
+  assert 0.2 < ratio[0] < 5.0, ratio
+  # recomputed from the checkpoint (as for runs trained before the ratio
+  # existed): the same statistics
+  stored = json.loads((tmp_path / "results.json").read_text())
+  del stored["consistency"]["mse_over_rounding_noise"]
+  (tmp_path / "results.json").write_text(json.dumps(stored))
+  again = node_classify.recompute_consistency(_small_config(data_dir, epochs=20),
+                                              str(tmp_path))
+  np.testing.assert_allclose(again["consistency"]["mse_over_rounding_noise"],
+                             ratio, rtol=1e-5)
+  assert again["act_mse"] == pytest.approx(results["act_mse"], rel=1e-5)
 
 
 def test_resume_after_interruption_gives_identical_results(data_dir, tmp_path):

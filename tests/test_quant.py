@@ -124,6 +124,27 @@ def test_alpha_gradient_is_eq11(bits, alpha, seed, sg, lsq):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
+@given(bits=st.integers(2, 6), alpha=alpha_st, seed=seed_st, sg=sign_grid_st)
+def test_grid_step_is_the_level_spacing_and_sets_the_rounding_noise(
+    bits, alpha, seed, sg):
+  from pdeq_jax import consistency
+  signed, grid = sg
+  lo = -alpha if signed else 0.0
+  x = jnp.asarray(np.random.default_rng(seed).uniform(lo, alpha, 20000),
+                  jnp.float32)
+  quantized = np.asarray(quant.quantize(x, alpha, bits, signed=signed,
+                                        grid=grid), np.float64)
+  step = float(quant.grid_step(alpha, bits, signed=signed, grid=grid))
+  np.testing.assert_allclose(np.diff(np.unique(quantized)), step, rtol=1e-3)
+  clipped = np.asarray(quant.quantize(x, alpha, None, signed=signed,
+                                      grid=grid), np.float64)
+  mse = np.mean((quantized - clipped) ** 2)
+  ratio = consistency.rounding_noise_ratio([mse], [step])
+  # uniform values: the rounding error is uniform on a step, power step²/12
+  # (the uniform grid's end levels are half-width bins: a little less)
+  assert 0.8 < ratio[0] < 1.1, ratio
+
+
 @given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=4),
        seed=seed_st)
 def test_sum_all_equals_float64_sum(shape, seed):

@@ -12,6 +12,7 @@ the same workdir ends with exactly the result of an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 import time
@@ -28,6 +29,7 @@ import optax
 from pdeq_jax import consistency
 from pdeq_jax import layers
 from pdeq_jax import models
+from pdeq_jax import quant
 from pdeq_jax import xla_options
 from pdeq_jax.data import planetoid
 from pdeq_jax.models.pde_gcn import GraphOperator
@@ -184,8 +186,13 @@ def evaluate_consistency(model, params, task: NodeTask, bits: layers.QuantBits
   acc_b, hidden_b = run(params, bits, task)
   acc_ref, hidden_ref = run(params, clip_only, task)
   stats = consistency.activation_mse(hidden_b, hidden_ref)
+  # the compared states are the outputs of each layer's state quantizer
+  step = quant.grid_step(layers.positive_alpha(params["alpha_state"]),
+                         bits.activations, signed=True, grid=model.grid)
+  ratio = consistency.rounding_noise_ratio(stats["mse"], step)
   return {"test_acc_bits": float(acc_b), "test_acc_clip_only": float(acc_ref),
-          **stats}
+          **stats, "mse_over_rounding_noise": ratio,
+          "overall_mse_over_rounding_noise": float(ratio.mean())}
 
 
 def _to_host(tree):
@@ -279,18 +286,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "epochs_per_second": (epoch - start_epoch) / max(train_seconds, 1e-9),
   }
   if config.quant.act_bits != FLOAT_BITS:
-    best_params = jax.tree_util.tree_map(jnp.asarray, best["params"])
-    stats = evaluate_consistency(model, best_params, task, final_bits)
-    results["consistency"] = stats
-    results["act_mse"] = stats["overall_mse"]
-    consistency.plot_layerwise_mse(
-        {("symmetric" if config.model.symmetric else "non-symmetric"):
-         stats["normalized_mse"]}, str(workdir / "layerwise_mse.png"),
-        title=f"{config.data.name}: {config.quant.act_bits}-bit vs clip-only")
+    _add_consistency(results, config, model, best["params"], task, workdir)
   common.write_json(workdir / "results.json", results)
   plot_curves(writer.read(), workdir / "curves.png")
   if verbose:
     print(summary_line(results))
+  return results
+
+
+def _add_consistency(results, config, model, params, task: NodeTask,
+                     workdir: pathlib.Path) -> None:
+  """Consistency of the selected params at the final bits, into ``results``."""
+  final_bits = bits_for_epoch(config, max(int(config.num_epochs) - 1, 0))
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  stats = evaluate_consistency(model, params, task, final_bits)
+  results["consistency"] = stats
+  results["act_mse"] = stats["overall_mse"]
+  consistency.plot_layerwise_mse(
+      {("symmetric" if config.model.symmetric else "non-symmetric"):
+       stats["normalized_mse"]}, str(workdir / "layerwise_mse.png"),
+      title=f"{config.data.name}: {config.quant.act_bits}-bit vs clip-only")
+
+
+def recompute_consistency(config: ml_collections.ConfigDict, workdir: str
+                          ) -> Dict[str, Any]:
+  """Re-evaluates the consistency of a finished run from its checkpoint.
+
+  The selected (best-validation) parameters are restored from the run's last
+  checkpoint, so statistics added after the run was trained can be computed
+  without training again; ``results.json`` is updated and returned.
+  """
+  workdir = common.prepare_workdir(workdir, config)
+  results_file = workdir / "results.json"
+  if not results_file.exists():
+    raise FileNotFoundError(f"{results_file} does not exist: the run at "
+                            f"{workdir} has not finished")
+  results = json.loads(results_file.read_text())
+  if config.quant.act_bits == FLOAT_BITS:
+    return results
+  task = load_task(config)
+  model = create_model(config, task.num_classes)
+  params = init_params(config, model, task)
+  tx = create_optimizer(config, params)
+  ckpt = common.Checkpointer(workdir / "checkpoints")
+  state = ckpt.restore(initial_state(config, params, tx))
+  ckpt.close()
+  if int(state["best"]["epoch"]) != int(results["best_epoch"]):
+    raise ValueError(f"{workdir}: the checkpoint's selected epoch "
+                     f"{int(state['best']['epoch'])} is not results.json's "
+                     f"{results['best_epoch']}")
+  _add_consistency(results, config, model, state["best"]["params"], task,
+                   workdir)
+  common.write_json(results_file, results)
   return results
 
 

@@ -52,6 +52,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("patience", None, "Override early-stopping patience.")
   flags.DEFINE_bool("report_only", False,
                     "Only tabulate finished runs; train nothing.")
+  flags.DEFINE_bool("recompute_consistency", False,
+                    "table7: re-evaluate finished quantized runs that lack "
+                    "the rounding-noise ratio, from their checkpoints.")
   # cnn
   flags.DEFINE_list("pairs", ["resnet56:stable_resnet56"],
                     "standard:stable model pairs (cnn).")
@@ -124,12 +127,15 @@ def run_or_load(trainer, config, run_dir: pathlib.Path, report_only: bool,
 def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
                num_epochs=None, patience=None, verbose: bool = True,
                config_overrides: Optional[Dict[str, Any]] = None,
-               report_only: bool = False) -> Dict[str, Any]:
+               report_only: bool = False,
+               recompute_consistency: bool = False) -> Dict[str, Any]:
   """Runs every (dataset, precision, form) row for ``seeds`` seeds.
 
   ``config_overrides`` ({"section.key": value}) applies to every run (e.g.
   a smaller model in tests).  ``report_only`` trains nothing: it tabulates
-  the runs that have finished.
+  the runs that have finished.  ``recompute_consistency`` re-evaluates the
+  consistency statistics of finished quantized runs that lack the rounding-
+  noise ratio (from their checkpoints, no training).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +158,12 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
                                 verbose=False)
           if results is None:
             continue
+          if (recompute_consistency and "consistency" in results and
+              "mse_over_rounding_noise" not in results["consistency"]):
+            wall = results.get("wall_seconds")
+            results = node_classify.recompute_consistency(config, str(run_dir))
+            if wall is not None:
+              results["wall_seconds"] = wall
           results["row"] = (dataset, form == "sym", precision)
           runs.append(results)
           if verbose:
@@ -171,6 +183,8 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
     mses = [r["act_mse"] for r in rs if r.get("act_mse") is not None]
     nmses = [r["consistency"]["overall_normalized_mse"] for r in rs
              if "consistency" in r]
+    ratios = [r["consistency"]["overall_mse_over_rounding_noise"] for r in rs
+              if "overall_mse_over_rounding_noise" in r.get("consistency", {})]
     rows.append([
         dataset, "sym" if symmetric else "non-sym", precision.upper(),
         "–" if paper_acc is None else f"{paper_acc:.1f}",
@@ -178,12 +192,14 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
         "–" if paper_mse is None else f"{paper_mse:.2f}",
         _mean_std(mses, 1e6, 2) if mses else "–",
         _mean_std(nmses, 1e3, 3) if nmses else "–",
+        _mean_std(ratios, 1.0, 2) if ratios else "–",
         f"{np.mean([r['best_epoch'] for r in rs]):.0f}",
         f"{np.mean([r.get('wall_seconds', float('nan')) for r in rs]):.0f}",
         len(rs)])
   header = ["dataset", "form", "bits", "paper acc", "ours test acc",
             "ours val acc", "paper MSE", "ours act MSE ×1e6",
-            "ours normalised MSE ×1e3", "best epoch (mean)",
+            "ours normalised MSE ×1e3", "ours MSE / rounding noise",
+            "best epoch (mean)",
             "wall s / run", "seeds"]
   text = ("Table 7 (PDE-GCN_D, 32 layers): test accuracy at the epoch of best "
           "validation accuracy, mean ± std over seeds.  The paper's numbers are"
@@ -192,7 +208,11 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
           "layer inputs of the b-bit and the clip-only run of the same weights "
           "(as the authors' code compares them); normalised: each layer's MSE "
           "divided by the mean square of its clip-only states (Fig. 3), "
-          "averaged over layers.  The paper's MSE column is on another scale "
+          "averaged over layers; MSE / rounding noise: each layer's MSE "
+          "divided by step²/12 of its state quantizer (1 = that layer's own "
+          "rounding only, larger = errors carried from earlier layers; "
+          "independent of the learned alpha), averaged over layers.  The "
+          "paper's MSE column is on another scale "
           "(its code prints both a mean and a Frobenius norm).\n\n"
           + common.markdown_table(header, rows))
   (workdir / "table7.md").write_text(text)
@@ -311,7 +331,8 @@ def main(argv):
     return
   run_table7(FLAGS.datasets, FLAGS.forms, FLAGS.precisions, FLAGS.seeds,
              FLAGS.workdir, FLAGS.num_epochs, FLAGS.patience,
-             report_only=FLAGS.report_only)
+             report_only=FLAGS.report_only,
+             recompute_consistency=FLAGS.recompute_consistency)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,21 @@ def test_data_calibrated_alpha_init():
                              rtol=1e-5)
   with pytest.raises(ValueError, match="alpha_init_mode"):
     _model(alpha_init_mode="mean").init(jax.random.PRNGKey(1), x, graph)
+
+
+def test_kernel_statistics_measure_identity_and_symmetry():
+  rng = np.random.default_rng(0)
+  depth, width = 3, 5
+  k1 = np.eye(width) + 0.1 * rng.standard_normal((depth, width, width))
+  stats = pde_gcn.kernel_statistics({"kernel": k1,
+                                     "kernel_out": np.swapaxes(k1, 1, 2)})
+  np.testing.assert_allclose(stats["asymmetry"], 0.0, atol=1e-6)
+  want = np.linalg.norm(k1 - np.eye(width), axis=(1, 2)) / np.sqrt(width)
+  np.testing.assert_allclose(stats["identity_deviation"], want, rtol=1e-5)
+  k2 = np.swapaxes(k1, 1, 2) + 0.5 * np.eye(width)
+  stats = pde_gcn.kernel_statistics({"kernel": k1, "kernel_out": k2})
+  want = 0.5 * np.sqrt(width) / np.linalg.norm(k1, axis=(1, 2))
+  np.testing.assert_allclose(stats["asymmetry"], want, rtol=1e-5)
+  assert "asymmetry" not in pde_gcn.kernel_statistics({"kernel": k1})
+  with pytest.raises(ValueError, match="must be \\[depth, C, C\\]"):
+    pde_gcn.kernel_statistics({"kernel": np.ones((3, 4, 5))})

@@ -32,6 +32,7 @@ from pdeq_jax import models
 from pdeq_jax import quant
 from pdeq_jax import xla_options
 from pdeq_jax.data import planetoid
+from pdeq_jax.models import pde_gcn
 from pdeq_jax.models.pde_gcn import GraphOperator
 from pdeq_jax.models.pde_gcn import SparseFeatures
 from train import common
@@ -300,6 +301,8 @@ def _add_consistency(results, config, model, params, task: NodeTask,
   final_bits = bits_for_epoch(config, max(int(config.num_epochs) - 1, 0))
   params = jax.tree_util.tree_map(jnp.asarray, params)
   stats = evaluate_consistency(model, params, task, final_bits)
+  stats.update({f"kernel_{k}": v for k, v in
+                pde_gcn.kernel_statistics(params).items()})
   results["consistency"] = stats
   results["act_mse"] = stats["overall_mse"]
   consistency.plot_layerwise_mse(

@@ -159,7 +159,7 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
           if results is None:
             continue
           if (recompute_consistency and "consistency" in results and
-              "mse_over_rounding_noise" not in results["consistency"]):
+              "kernel_identity_deviation" not in results["consistency"]):
             wall = results.get("wall_seconds")
             results = node_classify.recompute_consistency(config, str(run_dir))
             if wall is not None:
@@ -185,6 +185,8 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
              if "consistency" in r]
     ratios = [r["consistency"]["overall_mse_over_rounding_noise"] for r in rs
               if "overall_mse_over_rounding_noise" in r.get("consistency", {})]
+    asym = [np.mean(r["consistency"]["kernel_asymmetry"]) for r in rs
+            if "kernel_asymmetry" in r.get("consistency", {})]
     rows.append([
         dataset, "sym" if symmetric else "non-sym", precision.upper(),
         "–" if paper_acc is None else f"{paper_acc:.1f}",
@@ -193,12 +195,14 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
         _mean_std(mses, 1e6, 2) if mses else "–",
         _mean_std(nmses, 1e3, 3) if nmses else "–",
         _mean_std(ratios, 1.0, 2) if ratios else "–",
+        _mean_std(asym, 100.0, 1) if asym else "–",
         f"{np.mean([r['best_epoch'] for r in rs]):.0f}",
         f"{np.mean([r.get('wall_seconds', float('nan')) for r in rs]):.0f}",
         len(rs)])
   header = ["dataset", "form", "bits", "paper acc", "ours test acc",
             "ours val acc", "paper MSE", "ours act MSE ×1e6",
             "ours normalised MSE ×1e3", "ours MSE / rounding noise",
+            "‖K₂−K₁ᵀ‖/‖K₁‖ %",
             "best epoch (mean)",
             "wall s / run", "seeds"]
   text = ("Table 7 (PDE-GCN_D, 32 layers): test accuracy at the epoch of best "
@@ -211,7 +215,9 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
           "averaged over layers; MSE / rounding noise: each layer's MSE "
           "divided by step²/12 of its state quantizer (1 = that layer's own "
           "rounding only, larger = errors carried from earlier layers; "
-          "independent of the learned alpha), averaged over layers.  The "
+          "independent of the learned alpha), averaged over layers; "
+          "‖K₂−K₁ᵀ‖/‖K₁‖: how far the trained non-symmetric layers are from "
+          "the symmetric form, mean over layers.  The "
           "paper's MSE column is on another scale "
           "(its code prints both a mean and a Frobenius norm).\n\n"
           + common.markdown_table(header, rows))

@@ -299,6 +299,30 @@ def pde_gcn_layers(x: Array, params: LayerParams, graph: GraphOperator,
   return x, (jnp.stack(hidden) if return_hidden else None)
 
 
+def kernel_statistics(params) -> dict:
+  """How far the trained layers are from identity and from symmetry.
+
+  ``params``: a PDE-GCN's parameters (``kernel`` [L, C, C] and, for the
+  non-symmetric form, ``kernel_out``).  Returns per-layer
+  ``identity_deviation`` ``‖K₁ - I‖_F / ‖I‖_F`` and, for the non-symmetric
+  form, ``asymmetry`` ``‖K₂ - K₁ᵀ‖_F / ‖K₁‖_F``: 0 would make Eq. 24 the
+  symmetric Eq. 23, whose stability the paper's consistency claim rests on.
+  """
+  kernel = jnp.asarray(params["kernel"], jnp.float32)
+  if kernel.ndim != 3 or kernel.shape[1] != kernel.shape[2]:
+    raise ValueError(f"params['kernel'] must be [depth, C, C], got shape "
+                     f"{kernel.shape}")
+  width = kernel.shape[-1]
+  frobenius = lambda t: jnp.sqrt(jnp.sum(t * t, axis=(1, 2)))
+  stats = {"identity_deviation":
+           frobenius(kernel - jnp.eye(width)) / jnp.sqrt(float(width))}
+  if "kernel_out" in params:
+    kernel_out = jnp.asarray(params["kernel_out"], jnp.float32)
+    stats["asymmetry"] = (frobenius(kernel_out - jnp.swapaxes(kernel, 1, 2))
+                          / frobenius(kernel))
+  return {k: np.asarray(v) for k, v in stats.items()}
+
+
 def identity_with_noise(scale: float):
   """Initialiser of stacked square kernels [L, C, C]: I + N(0, scale²)."""
   def init(key, shape, dtype=jnp.float32):

@@ -53,8 +53,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("report_only", False,
                     "Only tabulate finished runs; train nothing.")
   flags.DEFINE_bool("recompute_consistency", False,
-                    "table7: re-evaluate finished quantized runs that lack "
-                    "the rounding-noise ratio, from their checkpoints.")
+                    "table7: re-evaluate finished quantized runs trained "
+                    "before the rounding-noise ratio and kernel statistics "
+                    "existed, from their checkpoints.")
   # cnn
   flags.DEFINE_list("pairs", ["resnet56:stable_resnet56"],
                     "standard:stable model pairs (cnn).")
@@ -134,8 +135,9 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
   ``config_overrides`` ({"section.key": value}) applies to every run (e.g.
   a smaller model in tests).  ``report_only`` trains nothing: it tabulates
   the runs that have finished.  ``recompute_consistency`` re-evaluates the
-  consistency statistics of finished quantized runs that lack the rounding-
-  noise ratio (from their checkpoints, no training).
+  consistency statistics of finished quantized runs that lack the newest ones
+  (rounding-noise ratio, kernel statistics), from their checkpoints, without
+  training.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pdeq_jax import consistency
 from pdeq_jax import quant
 
 bits_st = st.integers(min_value=2, max_value=8)
@@ -127,7 +128,6 @@ def test_alpha_gradient_is_eq11(bits, alpha, seed, sg, lsq):
 @given(bits=st.integers(2, 6), alpha=alpha_st, seed=seed_st, sg=sign_grid_st)
 def test_grid_step_is_the_level_spacing_and_sets_the_rounding_noise(
     bits, alpha, seed, sg):
-  from pdeq_jax import consistency
   signed, grid = sg
   lo = -alpha if signed else 0.0
   x = jnp.asarray(np.random.default_rng(seed).uniform(lo, alpha, 20000),

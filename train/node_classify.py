@@ -270,7 +270,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       and not stopped_early:
     return {"interrupted_at_epoch": epoch}
 
-  final_bits = bits_for_epoch(config, max(num_epochs - 1, 0))
   results = {
       "dataset": config.data.name, "model": config.model.name,
       "symmetric": bool(config.model.symmetric),

@@ -162,10 +162,8 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
             continue
           if (recompute_consistency and "consistency" in results and
               "kernel_identity_deviation" not in results["consistency"]):
-            wall = results.get("wall_seconds")
+            # results.json keeps run_or_load's wall_seconds
             results = node_classify.recompute_consistency(config, str(run_dir))
-            if wall is not None:
-              results["wall_seconds"] = wall
           results["row"] = (dataset, form == "sym", precision)
           runs.append(results)
           if verbose:

@@ -30,6 +30,32 @@ def test_sweep_selects_on_validation_and_writes_outputs(data_dir, tmp_path):
   assert again == best
 
 
+def test_sweep_with_several_seeds_ranks_trials_by_their_mean(data_dir,
+                                                            tmp_path):
+  config = gcn_configs.get_config("cora,sym,fp")
+  config.data.data_dir = str(data_dir / "planetoid")
+  config.model.depth = 2
+  config.model.width = 8
+  config.num_epochs = 3
+  best = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
+                         verbose=False, seeds_per_trial=2)
+  rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
+  for row in rows:
+    trial_dir = tmp_path / f"trial_{row['trial']:03d}"
+    per_seed = [json.loads((trial_dir / f"seed{k}" / "results.json")
+                           .read_text()) for k in (0, 1)]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    assert row["val_acc"] == pytest.approx(
+        np.mean([r["val_acc"] for r in per_seed]))
+  assert best["val_acc"] == max(r["val_acc"] for r in rows)
+  winner = json.loads((tmp_path / "best_config.json").read_text())
+  assert winner["seeds_per_trial"] == 2
+  assert "mean of 2 seeds" in (tmp_path / "sweep.md").read_text()
+  with pytest.raises(ValueError, match="seeds_per_trial must be >= 1"):
+    sweep.run_sweep(config, str(tmp_path), trials=1, space="dropout",
+                    seeds_per_trial=0)
+
+
 def test_reproduce_table7_writes_a_markdown_table(data_dir, tmp_path,
                                                   monkeypatch):
   monkeypatch.setenv("PDEQ_DATA_DIR", str(data_dir))

@@ -77,13 +77,19 @@ def test_every_search_space_names_config_keys_and_stays_in_bounds():
   rng = np.random.default_rng(0)
   for space in sweep.SPACES:
     for _ in range(20):
-      overrides = sweep.sample_overrides(space, rng)
+      overrides = sweep.sample_overrides(space, rng, config)
       assert set(overrides) == set(sweep.SPACES[space])
       assert all(v > 0 for v in overrides.values())
       applied = sweep.apply_overrides(config, overrides)
       for dotted, value in overrides.items():
         section, key = dotted.split(".")
         assert applied[section][key] == pytest.approx(value)
+  for _ in range(20):
+    local = sweep.sample_overrides("local", rng, config)
+    assert 0.5 <= local["model.h"] / config.model.h <= 2.0
+    assert 1 / 3 <= local["optim.weight_decay"] / config.optim.weight_decay <= 3
+  with pytest.raises(ValueError, match="pass base_config"):
+    sweep.sample_overrides("local", rng)
   with pytest.raises(ValueError, match="--space must be one of"):
     sweep.sample_overrides("no_such_space", rng)
   with pytest.raises(ValueError, match="names no config key"):

@@ -55,6 +55,17 @@ def _uniform(lo: float, hi: float) -> Callable[[np.random.Generator], float]:
   return lambda rng: float(rng.uniform(lo, hi))
 
 
+class _Around:
+  """The base config's value times a log-uniform factor in [1/f, f]."""
+
+  def __init__(self, factor: float):
+    self.factor = factor
+
+  def __call__(self, rng: np.random.Generator, base: float) -> float:
+    return float(base) * math.exp(rng.uniform(-math.log(self.factor),
+                                              math.log(self.factor)))
+
+
 # The ranges of the authors' Optuna sweeps (quantized_semi_optuna.py: h
 # 0.1-2.0, lr 1e-3-1e-2, K lr 1e-5-1e-3, alpha lr 1e-5-1e-2, wd 5e-6-1e-3),
 # lr widened to include their Cora script's 0.07, plus the initial alpha.
@@ -98,13 +109,33 @@ SPACES: Dict[str, Dict[str, Callable[[np.random.Generator], Any]]] = {
         "model.dropout_edges": _uniform(0.2, 0.8),
         "model.dropout_out": _uniform(0.3, 0.8),
     },
+    # A local search around the base config (a previous winner): each value
+    # times a log-uniform factor, within 2x for h and lr, 3x for the rest.
+    "local": {
+        "model.h": _Around(2.0),
+        "optim.lr": _Around(2.0),
+        "optim.lr_kernel": _Around(3.0),
+        "optim.weight_decay": _Around(3.0),
+    },
 }
 
 
-def sample_overrides(space: str, rng: np.random.Generator) -> Dict[str, Any]:
+def sample_overrides(space: str, rng: np.random.Generator,
+                     base_config=None) -> Dict[str, Any]:
+  """One trial's overrides; spaces relative to a base need ``base_config``."""
   if space not in SPACES:
     raise ValueError(f"--space must be one of {sorted(SPACES)}, got {space!r}")
-  return {key: draw(rng) for key, draw in SPACES[space].items()}
+  overrides = {}
+  for key, draw in SPACES[space].items():
+    if isinstance(draw, _Around):
+      if base_config is None:
+        raise ValueError(f"space {space!r} samples around a base config; "
+                         "pass base_config")
+      section, name = key.split(".")
+      overrides[key] = draw(rng, base_config[section][name])
+    else:
+      overrides[key] = draw(rng)
+  return overrides
 
 
 def apply_overrides(config, overrides: Dict[str, Any]):
@@ -155,7 +186,7 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
   trainer = tasks.trainer_for(config.task)
   rows = []
   for trial in range(trials):
-    overrides = sample_overrides(space, rng)
+    overrides = sample_overrides(space, rng, config)
     trial_dir = workdir / f"trial_{trial:03d}"
     overrides_file = trial_dir / "overrides.json"
     if overrides_file.exists():

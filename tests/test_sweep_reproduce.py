@@ -9,12 +9,18 @@ from train import reproduce
 from train import sweep
 
 
-def test_sweep_selects_on_validation_and_writes_outputs(data_dir, tmp_path):
-  config = gcn_configs.get_config("cora,sym,4w4a")
+def _tiny_config(data_dir, arg: str, num_epochs: int):
+  """A 2-layer, width-8 PDE-GCN on real Cora for sweep tests."""
+  config = gcn_configs.get_config(arg)
   config.data.data_dir = str(data_dir / "planetoid")
   config.model.depth = 2
   config.model.width = 8
-  config.num_epochs = 5
+  config.num_epochs = num_epochs
+  return config
+
+
+def test_sweep_selects_on_validation_and_writes_outputs(data_dir, tmp_path):
+  config = _tiny_config(data_dir, "cora,sym,4w4a", num_epochs=5)
   best = sweep.run_sweep(config, str(tmp_path), trials=2, space="gcn_quant",
                          verbose=False)
   rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
@@ -32,11 +38,7 @@ def test_sweep_selects_on_validation_and_writes_outputs(data_dir, tmp_path):
 
 def test_sweep_with_several_seeds_ranks_trials_by_their_mean(data_dir,
                                                             tmp_path):
-  config = gcn_configs.get_config("cora,sym,fp")
-  config.data.data_dir = str(data_dir / "planetoid")
-  config.model.depth = 2
-  config.model.width = 8
-  config.num_epochs = 3
+  config = _tiny_config(data_dir, "cora,sym,fp", num_epochs=3)
   best = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
                          verbose=False, seeds_per_trial=2)
   rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]

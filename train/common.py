@@ -245,3 +245,22 @@ def bits_for_epoch(config: ml_collections.ConfigDict,
       epochs_per_step=q.epochs_per_step)
   return layers.QuantBits.make(scheduled(q.weight_bits),
                                scheduled(q.act_bits))
+
+
+def run_or_load(trainer, config, run_dir: pathlib.Path,
+                report_only: bool = False,
+                verbose: bool = False) -> Optional[Dict[str, Any]]:
+  """A finished run's results, else trains it (None: not run, report only).
+
+  The wall time of a fresh run is added as ``wall_seconds``.
+  """
+  results_file = run_dir / "results.json"
+  if results_file.exists():
+    return json.loads(results_file.read_text())
+  if report_only:
+    return None
+  t0 = time.perf_counter()
+  results = trainer.train_and_evaluate(config, str(run_dir), verbose=verbose)
+  results["wall_seconds"] = time.perf_counter() - t0
+  write_json(results_file, results)
+  return results

@@ -21,9 +21,7 @@ back from their ``results.json``.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import time
 from typing import Any, Dict, List, Optional
 
 from absl import app
@@ -107,24 +105,6 @@ def _mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
   return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
-def run_or_load(trainer, config, run_dir: pathlib.Path, report_only: bool,
-                verbose: bool) -> Optional[Dict[str, Any]]:
-  """A finished run's results, else trains it (None: not run, report only).
-
-  The wall time of a fresh run is added as ``wall_seconds``.
-  """
-  results_file = run_dir / "results.json"
-  if results_file.exists():
-    return json.loads(results_file.read_text())
-  if report_only:
-    return None
-  t0 = time.perf_counter()
-  results = trainer.train_and_evaluate(config, str(run_dir), verbose=verbose)
-  results["wall_seconds"] = time.perf_counter() - t0
-  common.write_json(results_file, results)
-  return results
-
-
 def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
                num_epochs=None, patience=None, verbose: bool = True,
                config_overrides: Optional[Dict[str, Any]] = None,
@@ -156,13 +136,13 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
           if config_overrides:
             config = sweep.apply_overrides(config, config_overrides)
           run_dir = workdir / f"{dataset}_{form}_{precision}" / f"seed{seed}"
-          results = run_or_load(node_classify, config, run_dir, report_only,
+          results = common.run_or_load(node_classify, config, run_dir, report_only,
                                 verbose=False)
           if results is None:
             continue
           if (recompute_consistency and "consistency" in results and
               "kernel_identity_deviation" not in results["consistency"]):
-            # results.json keeps run_or_load's wall_seconds
+            # results.json keeps common.run_or_load's wall_seconds
             results = node_classify.recompute_consistency(config, str(run_dir))
           results["row"] = (dataset, form == "sym", precision)
           runs.append(results)
@@ -264,7 +244,7 @@ def run_cnn(pairs, dataset: str, precisions, seeds: int, workdir: str, *,
           if config_overrides:
             config = sweep.apply_overrides(config, config_overrides)
           run_dir = workdir / f"{name}_{precision}" / f"seed{seed}"
-          results = run_or_load(classify, config, run_dir, report_only,
+          results = common.run_or_load(classify, config, run_dir, report_only,
                                 verbose=verbose)
           if results is None:
             continue

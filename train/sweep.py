@@ -69,7 +69,7 @@ class _Around:
 # The ranges of the authors' Optuna sweeps (quantized_semi_optuna.py: h
 # 0.1-2.0, lr 1e-3-1e-2, K lr 1e-5-1e-3, alpha lr 1e-5-1e-2, wd 5e-6-1e-3),
 # lr widened to include their Cora script's 0.07, plus the initial alpha.
-SPACES: Dict[str, Dict[str, Callable[[np.random.Generator], Any]]] = {
+SPACES: Dict[str, Dict[str, Callable[..., Any]]] = {
     "gcn": {
         "model.h": _log_uniform(0.1, 2.0),
         "optim.lr": _log_uniform(1e-3, 7e-2),
@@ -150,27 +150,18 @@ def apply_overrides(config, overrides: Dict[str, Any]):
 
 def _train_trial(trainer, config, trial_dir: pathlib.Path,
                  seeds_per_trial: int) -> Dict[str, Any]:
-  """One trial's results; with several seeds, their means (and the list)."""
+  """One trial's results; with several seeds, their means."""
   if seeds_per_trial == 1:
-    results_file = trial_dir / "results.json"
-    if results_file.exists():
-      return json.loads(results_file.read_text())
-    return trainer.train_and_evaluate(config, str(trial_dir), verbose=False)
+    return common.run_or_load(trainer, config, trial_dir)
   per_seed = []
   for k in range(seeds_per_trial):
     seed_config = config.copy_and_resolve_references()
     seed_config.seed = config.seed + k
-    seed_dir = trial_dir / f"seed{k}"
-    results_file = seed_dir / "results.json"
-    if results_file.exists():
-      per_seed.append(json.loads(results_file.read_text()))
-    else:
-      per_seed.append(trainer.train_and_evaluate(seed_config, str(seed_dir),
-                                                 verbose=False))
+    per_seed.append(common.run_or_load(trainer, seed_config,
+                                       trial_dir / f"seed{k}"))
   mean = lambda key: float(np.mean([r[key] for r in per_seed]))
   mses = [r.get("act_mse") for r in per_seed]
   return {"val_acc": mean("val_acc"), "test_acc": mean("test_acc"),
-          "val_accs": [r["val_acc"] for r in per_seed],
           "best_epoch": int(np.median([r["best_epoch"] for r in per_seed])),
           "act_mse": None if None in mses else float(np.mean(mses))}
 

@@ -9,6 +9,14 @@ back, so a killed sweep continues where it stopped).  The sweep writes
 ``DIR/sweep.jsonl`` and ``DIR/best_config.json`` (the winner's overrides and
 its numbers).  Test accuracy is shown but never used to choose.
 
+``--sampler=tpe`` replaces random draws, after ``TPE_STARTUP_TRIALS`` random
+trials, by a tree-structured Parzen estimator (Bergstra et al. 2011; the
+sampler of the Optuna sweeps behind the paper's Table 7): each new trial is
+the candidate, drawn around the best tenth of the trials so far, that
+maximises the ratio of the densities of the good and the other trials.  It
+is deterministic given the finished trials, so a resumed TPE sweep proposes
+the same trials again.
+
 ``--seeds_per_trial=N`` trains every trial with N seeds (``config.seed`` ..
 ``config.seed + N - 1``, in ``trial_NNN/seedK``) and ranks trials by their
 mean validation accuracy: on a 500-node validation set one seed's accuracy
@@ -42,17 +50,50 @@ def define_flags() -> None:
   flags.DEFINE_integer("trials", 20, "Trial budget.")
   flags.DEFINE_string("space", "gcn", "Search space name.")
   flags.DEFINE_integer("sweep_seed", 0, "Seed of the sampler.")
+  flags.DEFINE_enum("sampler", "random", list(SAMPLERS),
+                    "How trials are proposed: independent random draws or "
+                    "TPE on the finished trials.")
   flags.DEFINE_integer("seeds_per_trial", 1,
                        "Training seeds per trial; trials are ranked by the "
                        "mean validation accuracy over them.")
 
 
-def _log_uniform(lo: float, hi: float) -> Callable[[np.random.Generator], float]:
-  return lambda rng: float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+class _Range:
+  """A value drawn uniformly in [lo, hi], or in log space when ``log``.
+
+  ``to_unit`` / ``from_unit`` map it to [0, 1] (linearly in the sampling
+  space), where the TPE sampler works.
+  """
+
+  def __init__(self, lo: float, hi: float, log: bool):
+    valid = (0 < lo < hi) if log else (lo < hi)
+    if not valid:
+      raise ValueError(f"bad range [{lo}, {hi}] (log={log})")
+    self.log = log
+    self._lo, self._hi = (math.log(lo), math.log(hi)) if log else (lo, hi)
+
+  def __call__(self, rng: np.random.Generator, base: float = None) -> float:
+    del base  # absolute ranges ignore the base config
+    value = rng.uniform(self._lo, self._hi)
+    return float(math.exp(value) if self.log else value)
+
+  def to_unit(self, value: float, base: float = None) -> float:
+    del base
+    value = math.log(value) if self.log else value
+    return (value - self._lo) / (self._hi - self._lo)
+
+  def from_unit(self, unit: float, base: float = None) -> float:
+    del base
+    value = self._lo + float(unit) * (self._hi - self._lo)
+    return float(math.exp(value) if self.log else value)
 
 
-def _uniform(lo: float, hi: float) -> Callable[[np.random.Generator], float]:
-  return lambda rng: float(rng.uniform(lo, hi))
+def _log_uniform(lo: float, hi: float) -> _Range:
+  return _Range(lo, hi, log=True)
+
+
+def _uniform(lo: float, hi: float) -> _Range:
+  return _Range(lo, hi, log=False)
 
 
 class _Around:
@@ -64,6 +105,13 @@ class _Around:
   def __call__(self, rng: np.random.Generator, base: float) -> float:
     return float(base) * math.exp(rng.uniform(-math.log(self.factor),
                                               math.log(self.factor)))
+
+  def to_unit(self, value: float, base: float) -> float:
+    return (math.log(value / float(base)) / math.log(self.factor) + 1.0) / 2.0
+
+  def from_unit(self, unit: float, base: float) -> float:
+    return float(base) * math.exp((2.0 * float(unit) - 1.0)
+                                  * math.log(self.factor))
 
 
 # The ranges of the authors' Optuna sweeps (quantized_semi_optuna.py: h
@@ -109,6 +157,17 @@ SPACES: Dict[str, Dict[str, Callable[..., Any]]] = {
         "model.dropout_edges": _uniform(0.2, 0.8),
         "model.dropout_out": _uniform(0.3, 0.8),
     },
+    # Float rows: the step and optimiser values of "gcn" (alpha does nothing
+    # without quantizers) together with the three dropout rates.
+    "gcn_float": {
+        "model.h": _log_uniform(0.1, 2.0),
+        "optim.lr": _log_uniform(1e-3, 7e-2),
+        "optim.lr_kernel": _log_uniform(1e-5, 1e-3),
+        "optim.weight_decay": _log_uniform(5e-6, 1e-3),
+        "model.dropout_in": _uniform(0.3, 0.8),
+        "model.dropout_edges": _uniform(0.2, 0.8),
+        "model.dropout_out": _uniform(0.3, 0.8),
+    },
     # A local search around the base config (a previous winner): each value
     # times a log-uniform factor, within 2x for h and lr, 3x for the rest.
     "local": {
@@ -120,22 +179,98 @@ SPACES: Dict[str, Dict[str, Callable[..., Any]]] = {
 }
 
 
-def sample_overrides(space: str, rng: np.random.Generator,
-                     base_config=None) -> Dict[str, Any]:
-  """One trial's overrides; spaces relative to a base need ``base_config``."""
+def _base_values(space: str, base_config) -> Dict[str, Any]:
+  """The base config's value of every key (None where the space ignores it)."""
   if space not in SPACES:
     raise ValueError(f"--space must be one of {sorted(SPACES)}, got {space!r}")
-  overrides = {}
+  bases = {}
   for key, draw in SPACES[space].items():
+    bases[key] = None
     if isinstance(draw, _Around):
       if base_config is None:
         raise ValueError(f"space {space!r} samples around a base config; "
                          "pass base_config")
       section, name = key.split(".")
-      overrides[key] = draw(rng, base_config[section][name])
-    else:
-      overrides[key] = draw(rng)
-  return overrides
+      bases[key] = base_config[section][name]
+  return bases
+
+
+def sample_overrides(space: str, rng: np.random.Generator,
+                     base_config=None) -> Dict[str, Any]:
+  """One trial's overrides; spaces relative to a base need ``base_config``."""
+  bases = _base_values(space, base_config)
+  return {key: draw(rng, bases[key]) for key, draw in SPACES[space].items()}
+
+
+TPE_STARTUP_TRIALS = 8      # random trials before TPE takes over
+TPE_GOOD_FRACTION = 0.1     # the best tenth of the trials (at least one) model "good"
+TPE_CANDIDATES = 24         # candidates drawn per proposal (as Optuna)
+
+
+def _parzen_log_density(points: np.ndarray, bandwidth: np.ndarray,
+                        x: np.ndarray) -> np.ndarray:
+  """Per-dimension log densities of a Parzen estimator on [0, 1].
+
+  ``points`` [n, d], ``bandwidth`` [d], ``x`` [m, d] -> [m, d]: in each
+  dimension a mixture of a Gaussian kernel per point and the uniform prior,
+  the prior weighted like one point (a few points never rule a region out).
+  """
+  z = (x[:, None, :] - points[None, :, :]) / bandwidth          # [m, n, d]
+  log_kernels = -0.5 * z * z - np.log(bandwidth * math.sqrt(2 * math.pi))
+  prior = np.zeros((x.shape[0], 1, x.shape[1]))
+  n = points.shape[0]
+  return (np.logaddexp.reduce(np.concatenate([log_kernels, prior], 1), axis=1)
+          - math.log(n + 1))
+
+
+def _bandwidth(points: np.ndarray) -> np.ndarray:
+  """Scott's rule per dimension, kept within [0.1, 0.5] of the unit range."""
+  n, d = points.shape
+  if n < 2:
+    return np.full(d, 0.5)
+  return np.clip(1.06 * points.std(0) * n ** (-0.2), 0.1, 0.5)
+
+
+def propose_tpe(space: str, history, rng: np.random.Generator,
+                base_config=None) -> Dict[str, Any]:
+  """The next trial's overrides from finished ``history`` (TPE).
+
+  ``history``: (overrides, score) pairs, higher score better.  The first
+  ``TPE_STARTUP_TRIALS`` proposals are random draws (``sample_overrides``).
+  Then the trials are split into the best ``TPE_GOOD_FRACTION`` and the rest,
+  each modelled per dimension by a Parzen density on the unit interval of
+  the space (independent dimensions, as Optuna's default TPE); of
+  ``TPE_CANDIDATES`` draws from the good density the one with the largest
+  good/rest density ratio is returned.
+  """
+  if len(history) < TPE_STARTUP_TRIALS:
+    return sample_overrides(space, rng, base_config)
+  bases = _base_values(space, base_config)
+  dims = SPACES[space]
+  keys = list(dims)
+  units = np.array([[dims[k].to_unit(overrides[k], bases[k]) for k in keys]
+                    for overrides, _ in history])
+  scores = np.array([score for _, score in history], np.float64)
+  order = np.argsort(-scores, kind="stable")
+  n_good = max(1, int(math.ceil(TPE_GOOD_FRACTION * len(history))))
+  good, rest = units[order[:n_good]], units[order[n_good:]]
+  good_bw, rest_bw = _bandwidth(good), _bandwidth(rest)
+  # per dimension: a good point plus kernel noise, or (like the prior's
+  # weight in the density) with probability 1 / (n_good + 1) a uniform draw
+  shape = (TPE_CANDIDATES, len(keys))
+  centres = good[rng.integers(0, n_good, shape), np.arange(len(keys))]
+  candidates = centres + good_bw * rng.standard_normal(shape)
+  candidates = 1.0 - np.abs(1.0 - np.abs(candidates))   # reflect into [0, 1]
+  from_prior = rng.random(shape) < 1.0 / (n_good + 1)
+  candidates = np.where(from_prior, rng.random(shape),
+                        np.clip(candidates, 0.0, 1.0))
+  ratio = np.sum(_parzen_log_density(good, good_bw, candidates)
+                 - _parzen_log_density(rest, rest_bw, candidates), axis=1)
+  best = candidates[int(np.argmax(ratio))]
+  return {k: dims[k].from_unit(u, bases[k]) for k, u in zip(keys, best)}
+
+
+SAMPLERS = ("random", "tpe")
 
 
 def apply_overrides(config, overrides: Dict[str, Any]):
@@ -168,16 +303,24 @@ def _train_trial(trainer, config, trial_dir: pathlib.Path,
 
 def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
               sweep_seed: int = 0, verbose: bool = True,
-              seeds_per_trial: int = 1) -> Dict[str, Any]:
+              seeds_per_trial: int = 1, sampler: str = "random"
+              ) -> Dict[str, Any]:
   if seeds_per_trial < 1:
     raise ValueError(f"seeds_per_trial must be >= 1, got {seeds_per_trial}")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(sweep_seed)
   trainer = tasks.trainer_for(config.task)
   rows = []
   for trial in range(trials):
-    overrides = sample_overrides(space, rng, config)
+    if sampler == "tpe":
+      history = [({k: r[k] for k in SPACES[space]}, r["val_acc"])
+                 for r in rows]
+      overrides = propose_tpe(space, history, rng, config)
+    else:
+      overrides = sample_overrides(space, rng, config)
     trial_dir = workdir / f"trial_{trial:03d}"
     overrides_file = trial_dir / "overrides.json"
     if overrides_file.exists():
@@ -205,7 +348,9 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
       [[r["trial"], *(f"{r[k]:.3g}" for k in keys), f"{100 * r['val_acc']:.2f}",
         f"{100 * r['test_acc']:.2f}", r["best_epoch"]] for r in rows])
   (workdir / "sweep.md").write_text(
-      f"Random search, {trials} trials, selected on validation accuracy"
+      f"{'TPE' if sampler == 'tpe' else 'Random'} search, {trials} trials"
+      f" ({space!r} space, sweep seed {sweep_seed}), selected on validation"
+      " accuracy"
       + (f" (mean of {seeds_per_trial} seeds per trial; accuracies and best "
          f"epoch below are means / the median over them)"
          if seeds_per_trial > 1 else "") + ".\n\n"
@@ -218,7 +363,9 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
                     {"overrides": {k: best[k] for k in keys},
                      "val_acc": best["val_acc"], "test_acc": best["test_acc"],
                      "trial": best["trial"], "trials": trials,
-                     "seeds_per_trial": seeds_per_trial})
+                     "seeds_per_trial": seeds_per_trial,
+                     "sampler": sampler, "space": space,
+                     "sweep_seed": sweep_seed})
   return best
 
 
@@ -227,7 +374,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   best = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.trials, FLAGS.space,
-                   FLAGS.sweep_seed, seeds_per_trial=FLAGS.seeds_per_trial)
+                   FLAGS.sweep_seed, seeds_per_trial=FLAGS.seeds_per_trial,
+                   sampler=FLAGS.sampler)
   print(f"best trial {best['trial']}: val {100 * best['val_acc']:.2f} "
         f"(test {100 * best['test_acc']:.2f})")
 

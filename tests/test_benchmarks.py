@@ -66,3 +66,20 @@ def test_profile_parses_ynn_fusions():
   ops = profile_train_step.ynn_operations(hlo)
   assert ops == {"ynn_fusion.3": "convolution size=8x8: f32[4,8,8,2] x "
                                  "f32[8,8,2,3] -> f32[4,3,3,3]"}
+
+
+def test_xla_cpu_limits_runs(tmp_path):
+  out = tmp_path / "limits.md"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/xla_cpu_limits.py", "--edges", "64",
+       "--nodes", "16", "--channels", "8", "--layers", "2", "--chain", "2",
+       "--repeats", "1", "--skip_trainer", "--output", str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line for line in out.read_text().splitlines()
+          if line.startswith("| ") and not line.startswith("| measurement")]
+  assert len(rows) == 3  # chains, host devices, scan residuals
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0
+    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
+def call_times(fn: Callable[[], object], repeats: int) -> List[float]:
+  """Seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
   import jax  # pylint: disable=import-outside-toplevel
   jax.block_until_ready(fn())
   times = []
@@ -52,7 +53,11 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
+  return times
+
+
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+  return 1e3 * min(call_times(fn, repeats))
 
 
 def elementwise_chain(a, steps: int):
@@ -160,29 +165,13 @@ def measure_matmuls(edges: int, channels: int, repeats: int
 
 def trainer_epoch_ms(epochs: int) -> float:
   """Median ms of the trainer's Cora sym 4W4A epoch in this process."""
-  import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+  import gcn_throughput  # pylint: disable=import-outside-toplevel
   from configs import pde_gcn as gcn_configs  # pylint: disable=import-outside-toplevel
-  from train import node_classify  # pylint: disable=import-outside-toplevel
-  config = gcn_configs.get_config("cora,sym,4w4a")
-  task = node_classify.load_task(config)
-  model = node_classify.create_model(config, task.num_classes)
-  params = node_classify.init_params(config, model, task)
-  tx = node_classify.create_optimizer(config, params)
-  opt_state = tx.init(params)
-  train_step = node_classify.make_train_step(model, tx, task)
-  eval_step = node_classify.make_eval_step(model, task)
-  bits = node_classify.bits_for_epoch(config, 0)
-  rng = jax.random.PRNGKey(0)
-  epoch = lambda: (train_step(params, opt_state, bits, rng)[2],
-                   eval_step(params, bits))
-  jax.block_until_ready(epoch())
-  times = []
-  for _ in range(epochs):
-    start = time.perf_counter()
-    jax.block_until_ready(epoch())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  epoch, _ = gcn_throughput.jax_epoch_fn(
+      gcn_configs.get_config("cora,sym,4w4a"))
+  return 1e3 * float(np.median(call_times(epoch, epochs)))
 
 
 def run_child(flag: str, args, env_extra: Dict[str, str],

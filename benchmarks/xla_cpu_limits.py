@@ -25,7 +25,8 @@ work in two ways:
    ``--skip_trainer``).
 
 Matmul rates at the step's shapes (``A B`` and the weight-gradient ``Aᵀ B``)
-are printed for context.  Times are the best of ``--repeats`` calls.
+are printed for context.  Times are the best of ``--repeats`` calls; the
+trainer's epoch is the median of ``--trainer_epochs``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import sys
 import time
 from typing import Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
 
 def call_times(fn: Callable[[], object], repeats: int) -> List[float]:
@@ -254,7 +254,8 @@ def main(argv=None):
   table = common.markdown_table(["measurement", "A (ms)", "B (ms)", "A / B",
                                  "reading"], rows)
   header = (f"XLA:CPU execution limits, jax {jax.__version__}, "
-            f"{os.cpu_count()} CPUs, best of {args.repeats} calls\n\n")
+            f"{os.cpu_count()} CPUs, best of {args.repeats} calls (the "
+            f"trainer row: median of {args.trainer_epochs} epochs)\n\n")
   footer = (f"\n\nMatmuls at {shape} x [{args.channels}, {args.channels}]: "
             f"A B {matmuls['ab']:.3f} ms ({rate(matmuls['ab'])}), weight "
             f"gradient Aᵀ B {matmuls['atb']:.3f} ms ({rate(matmuls['atb'])}).\n")

@@ -164,3 +164,10 @@ def test_tpe_sweep_on_cora_records_the_sampler(data_dir, tmp_path,
   assert again == best
   with pytest.raises(ValueError, match="sampler must be one of"):
     sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")
+
+
+def test_error_bars_are_the_sample_std():
+  # ddof = 1: the two values 1 and 3 have sample std sqrt(2), not 1
+  assert reproduce._mean_std([1.0, 3.0], digits=3) == "2.000 ± 1.414"
+  assert reproduce._mean_std([0.5], 100.0) == "50.0 ± –"
+  assert reproduce._mean_std([]) == "–"

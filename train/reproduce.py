@@ -12,7 +12,7 @@
 paper values where the paper has them) and
 ``layerwise_mse_<pair>_<precision>.png`` (Fig. 3: both nets on one plot).
 
-Writes ``<workdir>/table7.md`` (paper value | ours mean ± std, accuracy and
+Writes ``<workdir>/table7.md`` (paper value | ours mean ± sample std, accuracy and
 activation MSE, wall time per run), ``table7.json`` with every run, and
 ``layerwise_mse_<dataset>_<precision>.png`` (symmetric vs non-symmetric per
 layer, like the paper's Fig. 3).  Runs are resumable: finished runs are read
@@ -99,10 +99,12 @@ PAPER_TABLE4 = {
 
 
 def _mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
+  """``mean ± sample std`` (ddof = 1); one value has no spread: ``± –``."""
   if not values:
     return "–"
-  v = np.asarray(values) * scale
-  return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+  v = np.asarray(values, np.float64) * scale
+  spread = f"{v.std(ddof=1):.{digits}f}" if v.size > 1 else "–"
+  return f"{v.mean():.{digits}f} ± {spread}"
 
 
 def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
@@ -186,7 +188,7 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
             "best epoch (mean)",
             "wall s / run", "seeds"]
   text = ("Table 7 (PDE-GCN_D, 32 layers): test accuracy at the epoch of best "
-          "validation accuracy, mean ± std over seeds.  The paper's numbers are"
+          "validation accuracy, mean ± sample std (ddof = 1) over seeds.  The paper's numbers are"
           " the best *test* accuracy of Optuna sweeps.  Activation MSE: mean "
           "over layers of the mean squared difference between the quantized "
           "layer inputs of the b-bit and the clip-only run of the same weights "
@@ -283,7 +285,7 @@ def write_cnn_table(runs, workdir: pathlib.Path) -> str:
             "ours acc, clip-only act.", "paper MSE", "ours act MSE",
             "ours normalised MSE", "wall s / run", "seeds"]
   text = ("Standard vs stable CNNs: test accuracy of the best-validation model"
-          " (mean ± std over seeds); the same weights with clip-only "
+          " (mean ± sample std, ddof = 1, over seeds); the same weights with clip-only "
           "activations; activation MSE between the b-bit and clip-only runs "
           "(every block's output, mean over blocks; normalised per block by "
           "the clip-only mean square, Fig. 3).  Paper values: Table 4 "

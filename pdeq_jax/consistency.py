@@ -8,6 +8,7 @@ network; symmetric (stable) networks keep it bounded across depth.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Optional, Sequence
 
 import jax
@@ -17,13 +18,24 @@ import numpy as np
 Array = jax.Array
 
 
+def _natural_key(name: Any) -> tuple:
+  """Sort key reading digit runs as numbers: "layer2" before "layer10"."""
+  return tuple(int(p) if p.isdigit() else p
+               for p in re.split(r"(\d+)", str(name)) if p)
+
+
 def _as_layer_list(hidden: Any) -> list:
   if isinstance(hidden, (list, tuple)):
-    return list(hidden)
-  if isinstance(hidden, dict):
-    return [hidden[k] for k in sorted(hidden)]
-  hidden = jnp.asarray(hidden)
-  return [hidden[i] for i in range(hidden.shape[0])]
+    layers = list(hidden)
+  elif isinstance(hidden, dict):
+    layers = [hidden[k] for k in sorted(hidden, key=_natural_key)]
+  else:
+    hidden = jnp.asarray(hidden)
+    layers = [hidden[i] for i in range(hidden.shape[0])] if hidden.ndim else []
+  if not layers:
+    raise ValueError("hidden states hold no layers: at least one layer's map "
+                     "is needed")
+  return layers
 
 
 def _check_pairs(hq: list, hr: list) -> None:
@@ -87,7 +99,8 @@ def activation_mse(hidden_quantized: Any, hidden_reference: Any
 
   Args:
     hidden_quantized: per-layer hidden maps of the b-bit run: a list/tuple, a
-      dict (sorted by key) or an array whose leading axis is the layer.
+      dict (keys in natural order: "layer2" before "layer10") or an array
+      whose leading axis is the layer; at least one layer.
     hidden_reference: the same maps from the clip-only run.
 
   Returns:

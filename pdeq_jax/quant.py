@@ -18,7 +18,7 @@ Gradients (one ``jax.custom_vjp``):
 * w.r.t. ``alpha`` (Eq. 11): 0 where ``x <= 0`` (unsigned) / -1 where
   ``x <= -alpha`` (signed, odd extension), 1 where ``x >= alpha``, and
   ``(x_b - x) / alpha`` in between; optionally multiplied by the LSQ factor
-  ``1 / sqrt(numel * Q_max)``.
+  ``1 / sqrt(numel * Q_max)`` (``Q_max = 1`` for clip only, however encoded).
 
 Bits are *data*: ``bits`` may be a Python int, ``None`` (clip only, the
 "32-bit" reference) or a traced integer array, so the gradual 16 -> b schedule
@@ -201,7 +201,7 @@ def quantize(x: Array,
       including zero) or ``"midrise"`` (signed only: ``2^b`` levels, no zero;
       the authors' GCN quantizer).
     lsq_grad_scale: multiply the alpha gradient by ``1/sqrt(numel * Q_max)``
-      (LSQ, Esser et al. 2020).
+      (LSQ, Esser et al. 2020); clip only uses ``Q_max = 1``.
 
   Returns:
     The fake-quantized array, same shape and dtype as ``x``.
@@ -226,7 +226,13 @@ def quantize(x: Array,
     else:
       rounding = jnp.asarray(bits) < CLIP_ONLY_BITS
   if lsq_grad_scale:
-    scale = jax.lax.rsqrt(jnp.asarray(x.size, x.dtype) * levels)
+    # Clip only has no grid: Q_max is taken as 1 there, whichever way clip
+    # only is encoded (None, a concrete or a traced bits >= 32).
+    if rounding is None:
+      lsq_levels = jnp.ones((), x.dtype)
+    else:
+      lsq_levels = jnp.where(rounding, levels, jnp.ones((), x.dtype))
+    scale = jax.lax.rsqrt(jnp.asarray(x.size, x.dtype) * lsq_levels)
   else:
     scale = jnp.ones((), x.dtype)
   return _fake_quant(x, alpha, levels, rounding, scale, signed, grid)

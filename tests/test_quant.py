@@ -272,3 +272,48 @@ def test_integer_dtypes():
   assert quant.to_integer(x, 6.0, 8, signed=False)[0].dtype == jnp.uint8
   assert quant.to_integer(x, 6.0, 16, signed=True)[0].dtype == jnp.int32
   chex.assert_shape(quant.to_integer(x, 6.0, 4, signed=False)[0], (50,))
+
+
+def test_layer_dicts_are_ordered_naturally_and_empty_input_raises():
+  ref = {f"layer{i}": jnp.full((2, 3), float(i)) for i in (1, 2, 10, 11)}
+  quantized = {k: v + 1.0 for k, v in ref.items()}
+  stats = consistency.activation_mse(quantized, ref)
+  np.testing.assert_allclose(stats["mse"], 1.0)
+  # normalised by each layer's own reference power: 1 / i² in layer order
+  np.testing.assert_allclose(stats["normalized_mse"],
+                             [1.0, 1 / 4, 1 / 100, 1 / 121])
+  sums = consistency.squared_error_sums(quantized, ref)
+  np.testing.assert_array_equal(sums["sq_ref"], [6.0, 24.0, 600.0, 726.0])
+  for empty in ([], {}, jnp.zeros((0, 3))):
+    with pytest.raises(ValueError, match="no layers"):
+      consistency.activation_mse(empty, empty)
+    with pytest.raises(ValueError, match="no layers"):
+      consistency.squared_error_sums(empty, empty)
+
+
+@pytest.mark.parametrize("signed,grid", [(False, "uniform"), (True, "uniform"),
+                                         (True, "midrise")])
+def test_clip_only_encodings_give_one_alpha_gradient_under_lsq(signed, grid):
+  x = _sample(7, 2.0)
+  cot = jnp.asarray(np.random.default_rng(8).normal(size=x.shape),
+                    jnp.float32)
+
+  def alpha_grad(bits):
+    fn = lambda a, b: jnp.vdot(cot, quant.quantize(
+        x, a, b, signed=signed, grid=grid, lsq_grad_scale=True))
+    return float(jax.jit(jax.grad(fn))(jnp.float32(2.0), bits)
+                 if bits is not None and not isinstance(bits, int) else
+                 jax.grad(fn)(jnp.float32(2.0), bits))
+
+  # clip only: the Eq. 11 gradient times 1/sqrt(numel) (Q_max = 1)
+  xn = np.asarray(x, np.float64)
+  lo = -2.0 if signed else 0.0
+  per_elem = np.where(xn >= 2.0, 1.0, np.where(xn <= lo, -1.0 if signed
+                                                 else 0.0, 0.0))
+  want = np.sum(np.asarray(cot, np.float64) * per_elem) / np.sqrt(x.size)
+  for encoding in (None, 32, quant.bits_as_array(None),
+                   quant.bits_as_array(32)):
+    np.testing.assert_allclose(alpha_grad(encoding), want, rtol=1e-5)
+  # a traced bit width below 32 still uses its grid's Q_max
+  got = alpha_grad(jnp.int32(4))
+  assert abs(got - alpha_grad(4)) <= 1e-6 * max(1.0, abs(got))

@@ -8,6 +8,7 @@ vs clip-only comparison.  Whether a quantizer exists at all is structure
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -36,9 +37,22 @@ class QuantBits(NamedTuple):
 FLOAT_BITS = QuantBits(None, None)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def positive_alpha(alpha: Array, floor: float = 1e-4) -> Array:
-  """Keeps a learned clipping scale positive without changing its gradient."""
+  """Keeps a learned clipping scale positive without changing its gradient.
+
+  The value is exactly ``max(alpha, floor)``; the derivative w.r.t. ``alpha``
+  is passed straight through (1 everywhere, also at and below the floor), so
+  an alpha that overshoots below the floor still receives the gradient that
+  can bring it back.
+  """
   return jnp.maximum(alpha, floor)
+
+
+@positive_alpha.defjvp
+def _positive_alpha_jvp(floor, primals, tangents):
+  (alpha,), (alpha_dot,) = primals, tangents
+  return positive_alpha(alpha, floor), alpha_dot
 
 
 class ActQuant(nn.Module):

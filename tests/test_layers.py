@@ -117,3 +117,18 @@ def test_layer_input_errors():
   disabled = layers.ActQuant(enabled=False)
   x = jnp.linspace(-10, 10, 7)
   chex.assert_trees_all_equal(disabled.apply({}, x, 2), x)
+
+
+def test_positive_alpha_floors_the_value_and_passes_the_gradient():
+  alphas = jnp.asarray([-2.0, 0.0, 1e-4, 5e-5, 0.5, 3.0])
+  np.testing.assert_array_equal(layers.positive_alpha(alphas),
+                                jnp.maximum(alphas, 1e-4))
+  grads = jax.vmap(jax.grad(lambda a: 3.0 * layers.positive_alpha(a)))(alphas)
+  np.testing.assert_array_equal(grads, 3.0)  # straight through, floor or not
+  # a quantizer whose alpha fell below the floor still learns: the gradient
+  # is the one Eq. 11 gives at the floor
+  x = jnp.linspace(-1.0, 1.0, 11)
+  aq = layers.ActQuant(signed=True)
+  grad_at = lambda a: jax.grad(lambda p: jnp.sum(aq.apply(p, x, 4)))(
+      {"params": {"alpha": jnp.float32(a)}})["params"]["alpha"]
+  assert float(grad_at(-0.5)) == float(grad_at(1e-4)) != 0.0

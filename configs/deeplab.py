@@ -19,6 +19,7 @@ cityscapes,5w5a``) then trains 10 epochs at lr 0.001, batch 4.
 import ml_collections
 
 from configs import cifar
+from pdeq_jax import tv as tv_lib
 
 
 def parse_arg(arg):
@@ -67,6 +68,8 @@ def get_config(arg=None):
   config.model.name = "deeplabv3_resnet50"
   config.model.output_stride = 8
   config.model.tv_activation = tv
+  if tv:  # non-expansive TV steps (γ² <= ε/4)
+    config.model.tv_gamma_init = tv_lib.NON_EXPANSIVE_GAMMA
 
   config.quant.gradual = False   # refinement of a pretrained network
 

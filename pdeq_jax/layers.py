@@ -153,13 +153,14 @@ class TVActivation(nn.Module):
   """``act(S(x))``: a TV-smoothing step before a pointwise activation (Eq. 14).
 
   gamma = ``gamma_max * sigmoid(rho)`` keeps it positive and small; it is
-  initialised at ``gamma_init``.  ``sign_form=True`` uses the inference form
+  initialised at ``gamma_init`` (default ``tv.NON_EXPANSIVE_GAMMA``: with
+  ``gamma² <= eps / 4`` the step is non-expansive).  ``sign_form=True`` uses the inference form
   with ``sign(G x)`` (additions and a sign only).
   """
   act: Callable[[Array], Array] = nn.relu
-  gamma_init: float = 0.1
+  gamma_init: float = tv.NON_EXPANSIVE_GAMMA
   gamma_max: float = 1.0
-  eps: float = 1e-3
+  eps: float = tv.DEFAULT_EPS
   sign_form: bool = False
 
   def setup(self):

@@ -48,7 +48,17 @@ import jax.numpy as jnp
 Array = jax.Array
 ArrayLike = Any
 
+# ε of the smoothed TV weights W = diag(1 / (|G x| + ε)).
+DEFAULT_EPS = 1e-3
+# The default γ of every TV layer: γ² <= ε / 4 makes the ε-form step
+# non-expansive (‖J‖₂ = 1; 0.015² = 2.25e-4 <= 2.5e-4 at ε = 1e-3).  The
+# former default 0.1 had the bound 8γ²/ε - 1 = 79.
+NON_EXPANSIVE_GAMMA = 0.015
+assert NON_EXPANSIVE_GAMMA ** 2 <= DEFAULT_EPS / 4
+
 __all__ = [
+    "DEFAULT_EPS",
+    "NON_EXPANSIVE_GAMMA",
     "forward_diff_x",
     "forward_diff_y",
     "forward_diff_x_adjoint",
@@ -171,7 +181,7 @@ def forward_diff_y_adjoint(g: ArrayLike,
 def tv_smooth(x: ArrayLike,
               gamma: ArrayLike,
               *,
-              eps: ArrayLike = 1e-3) -> Array:
+              eps: ArrayLike = DEFAULT_EPS) -> Array:
   """One TV smoothing step of Eq. 14: S(x) = x - γ² (D_x + D_y) x.
 
   D_x x = G_xᵀ (G_x x / (|G_x x| + ε)) and likewise for y. Differentiable in
@@ -238,7 +248,7 @@ def total_variation(x: ArrayLike) -> Array:
           + jnp.sum(jnp.abs(forward_diff_y(x)), axis=(1, 2, 3)))
 
 
-def smoothed_total_variation(x: ArrayLike, *, eps: ArrayLike = 1e-3) -> Array:
+def smoothed_total_variation(x: ArrayLike, *, eps: ArrayLike = DEFAULT_EPS) -> Array:
   """Φ_ε(x) = Σ φ_ε(G x), φ_ε(t) = |t| - ε log(1 + |t|/ε), per example.
 
   `tv_smooth(x, γ, eps=ε) == x - γ² ∇Φ_ε(x)`: the TV step is gradient descent
@@ -266,7 +276,7 @@ def smoothed_total_variation(x: ArrayLike, *, eps: ArrayLike = 1e-3) -> Array:
 def tv_jacobian_norm(x: ArrayLike,
                      gamma: ArrayLike,
                      *,
-                     eps: Optional[ArrayLike] = 1e-3,
+                     eps: Optional[ArrayLike] = DEFAULT_EPS,
                      iters: int = 100,
                      key: Optional[Array] = None) -> Array:
   """Spectral norm of the Jacobian of x ↦ S(x) at `x`, by power iteration.

@@ -467,3 +467,38 @@ def test_non_scalar_gamma_raises():
       fn(x, jnp.ones((2,)))
   # A shape-[] array is fine.
   chex.assert_shape(tv.tv_smooth(x, jnp.asarray(0.1)), (1, 3, 3, 1))
+
+
+def test_every_tv_default_is_the_one_non_expansive_gamma():
+  import dataclasses
+  import inspect
+  from configs import deeplab as deeplab_configs
+  from configs import tv_pipeline
+  from pdeq_jax import layers
+  from pdeq_jax.models import deeplabv3, resnet, resnet50
+
+  gamma, eps = tv.NON_EXPANSIVE_GAMMA, tv.DEFAULT_EPS
+  assert gamma == 0.015 and eps == 1e-3
+  assert float(tv.tv_jacobian_bound(gamma, eps)) == 1.0
+  assert float(tv.tv_jacobian_bound(0.1, eps)) == pytest.approx(79.0)
+  defaults = {f"{cls.__name__}.{f.name}": f.default
+              for cls in (resnet.BasicBlock, resnet.ResNet,
+                          resnet50.ImageNetStem, resnet50.Bottleneck,
+                          resnet50.BottleneckResNet, deeplabv3.ASPP,
+                          deeplabv3.DeepLabHead, deeplabv3.DeepLabV3)
+              for f in dataclasses.fields(cls) if f.name == "tv_gamma_init"}
+  assert len(defaults) == 8 and set(defaults.values()) == {gamma}, defaults
+  assert inspect.signature(resnet50.relu_or_tv).parameters[
+      "gamma_init"].default == gamma
+  act = layers.TVActivation()
+  assert (act.gamma_init, act.eps) == (gamma, eps)
+  assert deeplab_configs.get_config(
+      "synthetic,4w4a,tv,cpu").model.tv_gamma_init == gamma
+  assert tv_pipeline.TV_GAMMA_INIT == gamma
+  # the initialised layer is non-expansive on a rough map; γ = 0.1 is not
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 6, 2)) * 1e-3
+  params = act.init(jax.random.PRNGKey(1), x)
+  gamma_init = jax.nn.sigmoid(params["params"]["rho"])
+  np.testing.assert_allclose(gamma_init, gamma, rtol=1e-6)
+  assert float(tv.tv_jacobian_norm(x, gamma_init)) <= 1.0 + 1e-4
+  assert float(tv.tv_jacobian_norm(x, 0.1)) > 2.0

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from pdeq_jax import layers
+from pdeq_jax import tv
 from pdeq_jax.models import resnet50
 from pdeq_jax.models.resnet import batch_norm
 from pdeq_jax.models.resnet import check_image_input
@@ -74,7 +75,7 @@ class ASPP(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -114,7 +115,7 @@ class DeepLabHead(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -168,7 +169,7 @@ class DeepLabV3(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pdeq_jax import layers
+from pdeq_jax import tv
 
 Array = jax.Array
 Output = Union[Array, Tuple[Array, List[Array]]]
@@ -114,7 +115,7 @@ class BasicBlock(nn.Module):
   input_signed: bool = False
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -170,7 +171,7 @@ class ResNet(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,

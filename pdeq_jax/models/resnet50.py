@@ -44,6 +44,7 @@ import jax
 
 from pdeq_jax import layers
 from pdeq_jax import quant
+from pdeq_jax import tv
 from pdeq_jax.models.resnet import Head
 from pdeq_jax.models.resnet import batch_norm
 from pdeq_jax.models.resnet import check_image_input
@@ -102,7 +103,8 @@ class Conv(nn.Module):
 
 
 def relu_or_tv(tv_activation: bool, tv_sign_form: bool, name: str,
-               gamma_init: float = 0.1) -> Callable[[Array], Array]:
+               gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+               ) -> Callable[[Array], Array]:
   """``nn.relu``, or a named ``TVActivation`` (``relu(S(x))``, one γ)."""
   if tv_activation:
     return layers.TVActivation(act=nn.relu, sign_form=tv_sign_form,
@@ -115,7 +117,7 @@ class ImageNetStem(nn.Module):
   features: int = 64
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -153,7 +155,7 @@ class Bottleneck(nn.Module):
   quantize_activations: bool = True
   tv_activation: bool = False
   tv_sign_form: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -217,7 +219,7 @@ class BottleneckResNet(nn.Module):
   tv_activation: bool = False
   tv_sign_form: bool = False
   tv_stem: bool = False
-  tv_gamma_init: float = 0.1
+  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,

@@ -171,3 +171,30 @@ def test_error_bars_are_the_sample_std():
   assert reproduce._mean_std([1.0, 3.0], digits=3) == "2.000 ± 1.414"
   assert reproduce._mean_std([0.5], 100.0) == "50.0 ± –"
   assert reproduce._mean_std([]) == "–"
+
+
+def test_run_or_load_reuses_results_only_for_the_same_config(tmp_path):
+  import types
+  import ml_collections
+  from train import common
+  calls = []
+
+  def train_and_evaluate(config, workdir, verbose=False):
+    common.prepare_workdir(workdir, config)
+    calls.append(config.lr)
+    return {"acc": config.lr}
+
+  trainer = types.SimpleNamespace(train_and_evaluate=train_and_evaluate)
+  config = ml_collections.ConfigDict({"lr": 0.1, "model": {"depth": 2}})
+  first = common.run_or_load(trainer, config, tmp_path)
+  assert first["acc"] == 0.1 and "wall_seconds" in first
+  assert common.run_or_load(trainer, config, tmp_path) == first
+  assert calls == [0.1]  # read back, not retrained
+  changed = ml_collections.ConfigDict({"lr": 0.2, "model": {"depth": 3}})
+  with pytest.raises(ValueError, match=r"different config \(keys "
+                     r"\['lr', 'model.depth'\]\)"):
+    common.run_or_load(trainer, changed, tmp_path)
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(ValueError, match="no config.json"):
+    common.run_or_load(trainer, config, tmp_path)
+  assert calls == [0.1]

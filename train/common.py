@@ -252,10 +252,13 @@ def run_or_load(trainer, config, run_dir: pathlib.Path,
                 verbose: bool = False) -> Optional[Dict[str, Any]]:
   """A finished run's results, else trains it (None: not run, report only).
 
-  The wall time of a fresh run is added as ``wall_seconds``.
+  Cached results are only reused when the run's recorded ``config.json``
+  equals ``config``; otherwise ValueError names the differing keys.  The wall
+  time of a fresh run is added as ``wall_seconds``.
   """
   results_file = run_dir / "results.json"
   if results_file.exists():
+    _check_cached_config(run_dir, config)
     return json.loads(results_file.read_text())
   if report_only:
     return None
@@ -264,3 +267,18 @@ def run_or_load(trainer, config, run_dir: pathlib.Path,
   results["wall_seconds"] = time.perf_counter() - t0
   write_json(results_file, results)
   return results
+
+
+def _check_cached_config(run_dir: pathlib.Path, config: Any) -> None:
+  """Raises ValueError unless ``run_dir/config.json`` is ``config``."""
+  path = run_dir / "config.json"
+  if not path.exists():
+    raise ValueError(f"{run_dir / 'results.json'} has no config.json beside "
+                     f"it, so the config that produced it is unknown; delete "
+                     f"{run_dir} to retrain")
+  diffs = sorted(_diff_keys(json.loads(path.read_text()),
+                            _jsonable(config_to_dict(config))))
+  if diffs:
+    raise ValueError(f"{run_dir / 'results.json'} was produced by a different "
+                     f"config (keys {diffs}); delete {run_dir} to retrain, or "
+                     f"restore the config")

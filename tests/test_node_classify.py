@@ -95,6 +95,7 @@ def test_resume_after_interruption_gives_identical_results(data_dir, tmp_path):
   config = _small_config(data_dir, "cora,nonsym,4w4a", epochs=30)
   config.quant.gradual = True
   config.quant.epochs_per_step = 2
+  config.patience = 3  # counted from the target bits on: never stops here
   full = node_classify.train_and_evaluate(config, str(tmp_path / "full"),
                                           verbose=False)
   part = node_classify.train_and_evaluate(config, str(tmp_path / "split"),
@@ -108,7 +109,20 @@ def test_resume_after_interruption_gives_identical_results(data_dir, tmp_path):
   a = [json.loads(l) for l in (tmp_path / "full/metrics.jsonl").open()]
   b = [json.loads(l) for l in (tmp_path / "split/metrics.jsonl").open()]
   assert a == b
-  assert [r["act_bits"] for r in a[:6]] == [16, 16, 15, 15, 14, 14]
+  # the bits follow the schedule: 16, minus one every 2 epochs, down to 4
+  scheduled = [max(4, 16 - e // 2) for e in range(30)]
+  assert [r["act_bits"] for r in a] == scheduled
+  # (this tuned config keeps float weights: 32 bits, never scheduled)
+  assert [r["weight_bits"] for r in a] == [config.quant.weight_bits] * 30
+  # selection only among the 4-bit epochs (24..29): the best of them by
+  # validation accuracy (ties: lower validation loss), whatever the
+  # higher-precision epochs before reached
+  at_target = [r for r in a if r["act_bits"] == 4]
+  best = max(at_target, key=lambda r: (r["val_acc"], -r["val_loss"]))
+  assert full["best_epoch"] == best["epoch"] >= 24
+  assert full["val_acc"] == pytest.approx(best["val_acc"])
+  assert full["test_acc"] == pytest.approx(best["test_acc"])
+  assert full["epochs_run"] == 30 and not full["stopped_early"]
 
 
 def test_resume_refuses_a_different_config(data_dir, tmp_path):
@@ -154,3 +168,33 @@ def test_cli_overrides_and_unknown_keys(data_dir, tmp_path):
              f"--workdir={tmp_path / 'bad'}")
   assert bad.returncode != 0
   assert "not_a_key" in bad.stderr
+
+
+def test_clip_only_reference_keeps_the_weight_bits(data_dir):
+  from pdeq_jax import consistency, layers
+  config = _small_config(data_dir, epochs=1)
+  config.model.depth = 2
+  config.quant.weight_bits = 4
+  task = node_classify.load_task(config)
+  model = node_classify.create_model(config, task.num_classes)
+  params = node_classify.init_params(config, model, task)
+  bits = layers.QuantBits.make(4, 4)
+  stats = node_classify.evaluate_consistency(model, params, task, bits)
+
+  def run(b):
+    logits, hidden = model.apply({"params": params}, task.features,
+                                 task.graph, b, return_hidden=True)
+    acc = jnp.mean(jnp.argmax(logits[task.test_idx], -1)
+                   == task.labels[task.test_idx])
+    return float(acc), hidden
+
+  _, hidden_b = run(bits)
+  acc_ref, hidden_ref = run(layers.QuantBits.make(4, None))
+  want = consistency.activation_mse(hidden_b, hidden_ref)
+  np.testing.assert_allclose(stats["mse"], want["mse"], rtol=1e-6)
+  assert stats["test_acc_clip_only"] == acc_ref
+  # float weights in the reference give another error (so the comparison
+  # above tells the two references apart)
+  _, hidden_float_w = run(layers.QuantBits.make(None, None))
+  other = consistency.activation_mse(hidden_b, hidden_float_w)["mse"]
+  assert np.any(np.abs(other - want["mse"]) > 1e-4 * want["mse"])

@@ -758,8 +758,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
       done_epoch = step // steps_per_epoch - 1
       # Select only among epochs trained at the target bits (the gradual
       # schedule's early epochs are a different, higher-precision model).
-      at_target = all(int(a) == int(b) for a, b in
-                      zip(bits, target_bits(config)))
+      at_target = common.at_target_bits(config, bits)
       if at_target and not np.isnan(val[select]) and \
           val[select] > float(best["val_score"]):
         best = {"val_score": np.asarray(val[select], np.float32),

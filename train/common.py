@@ -233,6 +233,14 @@ def target_bits(config: ml_collections.ConfigDict) -> layers.QuantBits:
                                _bits_or_none(config.quant.act_bits))
 
 
+def at_target_bits(config: ml_collections.ConfigDict,
+                   bits: layers.QuantBits) -> bool:
+  """Whether an epoch's runtime ``bits`` are the configured targets (model
+  selection only considers such epochs: the gradual schedule's earlier
+  epochs train a different, higher-precision model)."""
+  return all(int(a) == int(b) for a, b in zip(bits, target_bits(config)))
+
+
 def bits_for_epoch(config: ml_collections.ConfigDict,
                    epoch: int) -> layers.QuantBits:
   """Runtime bits of an epoch: the gradual schedule (Sec. 5.3) when

@@ -444,6 +444,27 @@ def spectral_norm(linear_fn: LinearFn, x_shape: Sequence[int], iters: int = 50,
   return jnp.linalg.norm(linear_fn(v))
 
 
+def norm_tied_step(linear_fn: LinearFn, x_shape: Sequence[int], h: Any,
+                   max_h_norm_sq: float = 1.0, lipschitz: float = 1.0,
+                   iters: int = 16, key: Optional[Array] = None) -> Array:
+  """A step size tied to the operator's norm: ``min(h, c / (L ν²))``.
+
+  ``ν`` is the :func:`spectral_norm` estimate of ``||K||₂`` (``iters`` power
+  iterations from a fixed start, ``key`` default ``PRNGKey(0)``) and
+  ``c = max_h_norm_sq``, so the step ``x - h_eff Kᵀ σ(K x)`` has
+  ``h_eff L ν² <= c``.  With the default ``c = 1``, half the stability bound
+  2, the true margin ``h_eff L ||K||₂² < 2`` holds as long as the estimate is
+  within a factor √2 of ``||K||₂`` (power iteration converges from below;
+  :func:`stability_margin` with many iterations checks it).  The result is
+  under ``stop_gradient``: a step size, not a trained quantity.
+  """
+  if not max_h_norm_sq > 0:
+    raise ValueError(f"max_h_norm_sq must be > 0, got {max_h_norm_sq}")
+  nu = jax.lax.stop_gradient(spectral_norm(linear_fn, x_shape, iters, key))
+  bound = max_h_norm_sq / (lipschitz * nu ** 2 + jnp.finfo(nu.dtype).tiny)
+  return jnp.minimum(jnp.asarray(h, nu.dtype), bound)
+
+
 class StabilityMargin(NamedTuple):
   """Stability of one symmetric step ``x - h Kᵀ σ(K x)`` with ``σ' <= L``.
 
@@ -492,7 +513,8 @@ def stability_margin(kernel_or_linear_fn: Union[Array, LinearFn],
 
 def stability_report(named_kernels: Mapping[str, Union[Array, LinearFn]],
                      x_shape_fn: Union[Sequence[int],
-                                       Callable[[Any], Sequence[int]]],
+                                       Callable[[Any], Sequence[int]],
+                                       Mapping[str, Sequence[int]]],
                      h: Any, lipschitz: float = 1.0, iters: int = 50
                      ) -> List[Dict[str, Any]]:
   """One row per layer: ``||K||₂``, ``h L ||K||₂²``, stable or not, ``h_max``.
@@ -500,9 +522,9 @@ def stability_report(named_kernels: Mapping[str, Union[Array, LinearFn]],
   Args:
     named_kernels: layer name -> HWIO kernel (a 'SAME' stride-1 conv) or a
       linear map.
-    x_shape_fn: the input shape of every layer, or a function of the kernel
+    x_shape_fn: the input shape of every layer, a function of the kernel
       (or linear map) returning it, e.g.
-      ``lambda k: (1, 32, 32, k.shape[2])``.
+      ``lambda k: (1, 32, 32, k.shape[2])``, or a mapping name -> shape.
     h: step size (one for all layers) or a mapping name -> step size.
     lipschitz: ``L``.
     iters: power iterations.
@@ -513,7 +535,10 @@ def stability_report(named_kernels: Mapping[str, Union[Array, LinearFn]],
   """
   rows = []
   for name, kernel in named_kernels.items():
-    x_shape = x_shape_fn(kernel) if callable(x_shape_fn) else x_shape_fn
+    if isinstance(x_shape_fn, Mapping):
+      x_shape = x_shape_fn[name]
+    else:
+      x_shape = x_shape_fn(kernel) if callable(x_shape_fn) else x_shape_fn
     h_layer = h[name] if isinstance(h, Mapping) else h
     m = stability_margin(kernel, x_shape, h_layer, lipschitz, iters)
     rows.append({"layer": name, "spectral_norm": float(m.spectral_norm),

@@ -16,6 +16,7 @@ import pytest
 from pdeq_jax import layers
 from pdeq_jax import models
 from pdeq_jax import operators
+from pdeq_jax import quant
 from pdeq_jax.models import mobilenetv2
 from pdeq_jax.models import stable_resnet
 
@@ -189,6 +190,8 @@ def test_wrong_input_rank():
 
 
 def _clean_block(h=0.1, **kw):
+  """Plain Eq. 15 with a fixed h (no norm-tied step)."""
+  kw.setdefault("max_h_norm_sq", None)
   return stable_resnet.StableBlock(4, h=h, clean_form=True, act=jnp.tanh,
                                    act_signed=True, quantize_weights=False,
                                    quantize_activations=False, **kw)
@@ -356,3 +359,99 @@ def test_tv_activation_option():
   params = _abstract_variables(model, _X32)["params"]
   assert set(params["stage1_block1"]["tv1"]) == {"rho"}
   assert set(params["stage3_block3"]["tv2"]) == {"rho"}
+
+
+def _dense(linear_fn, shape):
+  """The matrix of a linear map on arrays of ``shape`` (forward mode)."""
+  n = int(np.prod(shape))
+  return np.asarray(jax.jacfwd(lambda z: linear_fn(z.reshape(shape)).reshape(
+      -1))(jnp.zeros(n)), np.float64)
+
+
+def _as_net(variables):
+  """A lone block's variables as those of a one-block StableResNet."""
+  return {c: {"stage1_block1": v} for c, v in variables.items()}
+
+
+def test_clean_form_step_is_tied_to_the_applied_quantized_kernel():
+  x = 0.3 * jax.random.normal(jax.random.PRNGKey(4), (1, 6, 6, 4))
+  bits = layers.QuantBits.make(4, None)
+  block = lambda **kw: stable_resnet.StableBlock(
+      4, clean_form=True, act=lambda v: v, act_signed=True,
+      quantize_activations=False, **kw)
+  variables = block(max_h_norm_sq=None).init(_key(5), x, bits)
+  k_q = stable_resnet.applied_kernels(_as_net(variables), 4,
+                                      clean_form=True)["stage1_block1"]
+  # the applied kernel is the standardised, 4-bit one (Eq. 12), alpha 3
+  np.testing.assert_array_equal(k_q, quant.quantize_weight(
+      variables["params"]["kernel"], 3.0, 4))
+  k_dense = _dense(lambda v: operators.conv(v, k_q), x.shape)
+  norm_sq = np.linalg.norm(k_dense, 2) ** 2
+  raw_sq = np.linalg.norm(_dense(lambda v: operators.conv(
+      v, variables["params"]["kernel"]), x.shape), 2) ** 2
+  assert 0.1 * raw_sq < 2 < 0.1 * norm_sq  # "stable" raw, unstable applied
+  step = lambda b: _dense(lambda z: b.apply(variables, z, bits) - z, x.shape)
+  # fixed h = 0.1 (plain Eq. 15): I - h K_qᵀK_q has an eigenvalue below -1
+  np.testing.assert_allclose(step(block(max_h_norm_sq=None, h=0.1)),
+                             -0.1 * k_dense.T @ k_dense, rtol=1e-4,
+                             atol=1e-4 * norm_sq * 0.1)
+  # norm-tied (default): h_eff ||K_q||² ~ 1, the step is non-expansive
+  update = -step(block())
+  h_eff = np.linalg.eigvalsh((update + update.T) / 2).max() / norm_sq
+  np.testing.assert_allclose(update, h_eff * k_dense.T @ k_dense, rtol=1e-4,
+                             atol=1e-4)
+  assert 0.9 < h_eff * norm_sq <= 1.0 / 0.9
+  eig = np.linalg.eigvalsh(np.eye(len(update)) - update)
+  assert eig.min() > -1.0 and eig.max() <= 1.0 + 1e-6
+
+
+def test_practical_form_margin_includes_the_bn_scales():
+  x = jnp.zeros((1, 5, 5, 4))
+  bits = layers.QuantBits.make(4, None)
+  block = stable_resnet.StableBlock(4, act=lambda v: v, h=0.05,
+                                    quantize_activations=False)
+  variables = block.init(_key(6), x, bits)
+  rng = np.random.default_rng(0)
+  params, stats = variables["params"], variables["batch_stats"]
+  for bn in ("bn1", "bn2"):
+    params[bn]["scale"] = jnp.asarray(rng.uniform(0.2, 2.0, 4), jnp.float32)
+    stats[bn]["var"] = jnp.asarray(rng.uniform(0.5, 3.0, 4), jnp.float32)
+    stats[bn]["mean"] = jnp.asarray(rng.normal(size=4), jnp.float32)
+  # a very negative bn2 bias keeps x - h BN2(...) > 0: the outer ReLU is the
+  # identity and the step is affine, Jacobian I - h S2 K_qᵀ S1 K_q
+  params["bn2"]["bias"] = jnp.full((4,), -1e4)
+  jac = _dense(lambda z: block.apply(variables, z, bits) - block.apply(
+      variables, jnp.zeros_like(z), bits), x.shape)
+  eig = np.linalg.eigvals((np.eye(len(jac)) - jac) / 0.05)
+  assert np.abs(eig.imag).max() < 1e-3 * np.abs(eig).max()
+  net = _as_net(variables)
+  m = stable_resnet.applied_kernels(net, 4)["stage1_block1"]
+  m_sq = np.linalg.norm(_dense(lambda v: operators.conv(v, m), x.shape),
+                        2) ** 2
+  np.testing.assert_allclose(eig.real.max(), m_sq, rtol=1e-4)
+  k_q = stable_resnet.applied_kernels(net, 4, clean_form=True)[
+      "stage1_block1"]
+  k_sq = np.linalg.norm(_dense(lambda v: operators.conv(v, k_q), x.shape),
+                        2) ** 2
+  assert abs(k_sq - m_sq) > 0.05 * m_sq  # the BN factors matter
+  rows = stable_resnet.stability_report(net, 4, h=0.05, image_size=5,
+                                        iters=300)
+  (row,) = rows
+  np.testing.assert_allclose(row["h_l_norm_sq"], 0.05 * m_sq, rtol=1e-3)
+  raw = operators.stability_margin(params["kernel"], x.shape, 0.05, iters=300)
+  np.testing.assert_allclose(row["raw_h_l_norm_sq"], raw.h_l_norm_sq,
+                             rtol=1e-5)
+  assert row["stable"] == (0.05 * m_sq < 2) and row["bn_scales_positive"]
+  params["bn1"]["scale"] = params["bn1"]["scale"].at[0].set(-0.5)
+  (row,) = stable_resnet.stability_report(net, 4, h=1e-6, image_size=5,
+                                          iters=20)
+  assert not row["bn_scales_positive"] and not row["stable"]
+
+
+def test_block_input_shapes_follow_the_pooling():
+  shapes = {name: stable_resnet.block_input_shape(name, 32, 16)[1]
+            for name in ("stage1_block1", "stage1_block3", "stage2_block1",
+                         "stage2_block2", "stage3_block1", "stage3_block9")}
+  assert shapes == {"stage1_block1": 32, "stage1_block3": 32,
+                    "stage2_block1": 32, "stage2_block2": 16,
+                    "stage3_block1": 16, "stage3_block9": 8}

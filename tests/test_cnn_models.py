@@ -79,7 +79,7 @@ def _registered(name, num_classes=10):
 def test_parameter_counts_match_the_authors_code(name, num_classes, target):
   variables, _ = _registered(name, num_classes)
   count = _count(variables["params"])
-  assert abs(count - target) <= 0.03 * target, (name, count, target)
+  assert count == target, (name, count, target)
   # α scalars (one per quantizer) are a handful on top.
   assert 0 < _count(variables["params"], include_alpha=True) - count < 300
 

@@ -39,10 +39,15 @@ def _assert_adjoint(k_fn, kt_fn, x, y):
 
 
 def _dense(linear_fn, x_shape):
-  """The matrix of a linear map, [out_size, in_size], via jax.jacrev."""
-  # reverse mode: the graph operators are a custom_vjp pair (no jvp rule)
-  jac = jax.jacrev(linear_fn)(jnp.zeros(x_shape, jnp.float32))
-  return np.asarray(jac, np.float64).reshape(-1, int(np.prod(x_shape)))
+  """The matrix of a linear map, [out_size, in_size], column j = K e_j.
+
+  Built from the images of the basis vectors (forward evaluation only, no
+  autodiff), so it is independent of the ``jax.vjp`` adjoints under test.
+  """
+  n = int(np.prod(x_shape))
+  basis = jnp.eye(n, dtype=jnp.float32).reshape((n,) + tuple(x_shape))
+  cols = jax.lax.map(linear_fn, basis)
+  return np.asarray(cols, np.float64).reshape(n, -1).T
 
 
 def _random_graph(rng, num_nodes, num_edges, both_directions=True):
@@ -314,8 +319,9 @@ def test_spectral_norm_matches_svd_separable_and_graph():
 
 
 def _step_jacobian(step, x):
+  """Forward mode, independent of the reverse-mode adjoint inside the step."""
   size = x.size
-  return np.asarray(jax.jacrev(step)(x), np.float64).reshape(size, size)
+  return np.asarray(jax.jacfwd(step)(x), np.float64).reshape(size, size)
 
 
 smooth_act_st = st.sampled_from(["tanh", "softplus"])
@@ -378,8 +384,18 @@ def test_symmetric_update_graph_and_separable_jacobians_are_symmetric():
   kmix = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
   ks = lambda v: operators.graph_gradient(v @ kmix, s, r, w)
   x = jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)
-  jac = _step_jacobian(
-      lambda v: operators.symmetric_update(v, ks, 0.5, jnp.tanh, (n, 2)), x)
+  # the graph operators are a custom_vjp pair (no forward mode): check the
+  # step and its reverse-mode Jacobian against the dense formula
+  # x - h Aᵀ tanh(A x), A = K S from the basis vectors
+  step = lambda v: operators.symmetric_update(v, ks, 0.5, jnp.tanh, (n, 2))
+  a = _dense(ks, (n, 2))
+  xv = np.asarray(x, np.float64).reshape(-1)
+  np.testing.assert_allclose(np.asarray(step(x)).reshape(-1),
+                             xv - 0.5 * a.T @ np.tanh(a @ xv), rtol=1e-5,
+                             atol=1e-5)
+  jac = np.asarray(jax.jacrev(step)(x), np.float64).reshape(2 * n, 2 * n)
+  expected = np.eye(2 * n) - 0.5 * a.T @ np.diag(1 - np.tanh(a @ xv) ** 2) @ a
+  np.testing.assert_allclose(jac, expected, atol=1e-5)
   np.testing.assert_allclose(jac, jac.T, atol=1e-5)
 
   k1, k2, k3 = _keys(2, 3)

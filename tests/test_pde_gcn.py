@@ -137,6 +137,35 @@ def test_symmetric_layer_uses_the_adjoint_of_k_s():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_non_symmetric_layer_is_eq24_with_dense_matrices(fold):
+  """Eq. 24 by hand: x - h Sᵀ tanh(S x K₁) K₂ (two independent kernels)."""
+  g = _random_graph(num_nodes=7, num_edges=9, seed=1)
+  graph = pde_gcn.GraphOperator.from_graph(g, fold_edge_directions=fold)
+  n, c = 7, 4
+  S = np.zeros((len(g.senders), n))  # both directions of every edge
+  for e, (i, j, w) in enumerate(zip(g.senders, g.receivers, g.edges)):
+    S[e, i], S[e, j] = w, -w
+  k1 = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (c, c)))
+  k2 = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (c, c)))
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (n, c)))
+  params = pde_gcn.LayerParams(jnp.asarray(k1), jnp.asarray(k2), jnp.ones(()),
+                               jnp.ones(()))
+  spec = pde_gcn.QuantSpec(activations=False)
+  got, state = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
+                                     layers.FLOAT_BITS, spec, symmetric=False)
+  want = x - 0.2 * S.T @ np.tanh(S @ x @ k1) @ k2
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(state, x)
+  # K₂ = K₁ᵀ is the symmetric layer
+  params = params._replace(kernel_out=jnp.asarray(k1.T))
+  sym, _ = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
+                                 layers.FLOAT_BITS, spec, symmetric=True)
+  nonsym, _ = pde_gcn.pde_gcn_layer(jnp.asarray(x), params, graph, 0.2,
+                                    layers.FLOAT_BITS, spec, symmetric=False)
+  np.testing.assert_allclose(nonsym, sym, rtol=1e-4, atol=1e-5)
+
+
 def test_scan_equals_unrolled_and_hidden_states():
   graph = pde_gcn.GraphOperator.from_graph(_random_graph())
   x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))

@@ -12,6 +12,7 @@ returns the exit status.
 
 from __future__ import annotations
 
+import pathlib
 import re
 import sys
 import traceback
@@ -76,8 +77,9 @@ def unknown_override(argv: Sequence[str], flag_values: flags.FlagValues
       continue
     try:
       config = config_flags._ConfigFileParser(name=name).parse(spec)  # pylint: disable=protected-access
-    except Exception:  # pylint: disable=broad-except
-      return None  # the file itself is bad: the parser's message says so
+      list(config.keys())  # a file that failed to load raises only here
+    except Exception as e:  # pylint: disable=broad-except
+      return _config_load_message(name, spec, e)
     for arg in argv:
       m = re.fullmatch(rf"--?(?:no)?{name}\.([^=]+)(?:=(.*))?", arg)
       if not m:
@@ -96,11 +98,28 @@ def unknown_override(argv: Sequence[str], flag_values: flags.FlagValues
   return None
 
 
+def _config_load_message(name: str, spec: str, exc: BaseException) -> str:
+  """One line for a config file that cannot be loaded: missing, or its
+  ``get_config(arg)`` raised (the last line of its traceback)."""
+  path = spec.split(":", 1)[0]
+  if not pathlib.Path(path).is_file():
+    return (f"config file not found (--{name} = {spec}; allowed: a "
+            "get_config() file such as configs/pde_gcn.py:cora,sym,4w4a)")
+  lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+  last = lines[-1] if lines else type(exc).__name__
+  last = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", last)
+  return f"cannot load the config (--{name} = {spec}; {last})"
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues
                 ) -> List[str]:
   """Parses ``argv``; a bad flag raises ``flags.Error`` with one line."""
   try:
-    return flag_values(list(argv))
+    rest = flag_values(list(argv))
+    for name in _config_flag_names(flag_values):
+      value = flag_values[name].value
+      if value is not None:
+        list(value.keys())  # a file that failed to load raises only here
   except Exception as e:  # pylint: disable=broad-except
     unknown = unknown_override(argv, flag_values)
     if unknown is not None:
@@ -108,6 +127,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues
     if isinstance(e, flags.Error):
       raise
     raise flags.Error(f"{type(e).__name__}: {e}") from e
+  return rest
 
 
 def _verbose_requested(argv: Sequence[str]) -> bool:

@@ -10,6 +10,7 @@ Every run writes into its ``--workdir``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -230,17 +231,34 @@ def check_runtime_bits(bits: Any) -> None:
                        f"{quant.CLIP_ONLY_BITS} = clip only)")
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Orbax logs ERROR lines of its own for a corrupt checkpoint; the
+  :class:`CorruptCheckpointError` says it in one line (shown with
+  --verbosity=1)."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  verbosity = logging.get_verbosity()
+  if verbosity < logging.DEBUG:
+    logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 class Checkpointer:
   """Orbax checkpoints of an arbitrary pytree (state + trainer bookkeeping)."""
 
   def __init__(self, directory: os.PathLike, keep: int = 2):
     self.directory = pathlib.Path(directory).absolute()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    with _orbax_quiet():
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
+    with _orbax_quiet():
+      return self.manager.latest_step()
 
   def save(self, step: int, tree: Any, *, force: bool = False) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(tree), force=force)
@@ -260,11 +278,11 @@ class Checkpointer:
     return self._restore(step, ocp.args.StandardRestore())
 
   def _restore(self, step: int, args: Any) -> Any:
-    try:
-      tree = self.manager.restore(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpointError(self.directory, step, e) from e
-    return tree
+    with _orbax_quiet():
+      try:
+        return self.manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CorruptCheckpointError(self.directory, step, e) from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

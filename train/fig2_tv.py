@@ -634,7 +634,7 @@ def markdown_report(result: Dict[str, Any]) -> str:
 def define_flags(flag_values=None) -> None:
   """Command-line flags (defined only when run as a program)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  fv = {"flag_values": flag_values or flags.FLAGS}
+  fv = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
   flags.DEFINE_string("workdir", None, "A classification run's workdir.", **fv)
   flags.DEFINE_string("output_dir", None, "Where fig2.{json,md,png} go.", **fv)
   flags.DEFINE_integer("image_index", 0, "Index into the run's test set.", **fv)

@@ -65,8 +65,12 @@ def positive(value: Any, field: str, what: str = "must be positive") -> None:
     raise ConfigError(what, field, value, "allowed: > 0")
 
 
-def non_negative(value: Any, field: str, what: str = "must not be negative"
-                 ) -> None:
+def _name(field: str) -> str:
+  return field.split(".")[-1].lstrip("-")
+
+
+def non_negative(value: Any, field: str, what: Optional[str] = None) -> None:
+  what = what or f"{_name(field)} must not be negative"
   if _number(value, field) < 0:
     raise ConfigError(what, field, value, "allowed: >= 0")
 
@@ -77,7 +81,8 @@ def integer_at_least(value: Any, field: str, low: int,
     raise ConfigError("not an integer", field, value,
                       f"allowed: an integer >= {low}")
   if value < low:
-    raise ConfigError(what or f"must be at least {low}", field, value,
+    raise ConfigError(what or f"{_name(field)} must be at least {low}",
+                      field, value,
                       f"allowed: an integer >= {low}")
 
 

@@ -712,6 +712,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
       tree = _host({"state": state, "best": best})
       if not common.tree_is_finite(tree["state"].params):
         stop({"parameters": np.nan}, step)
+      # the training metrics of the steps since the last log line, so that
+      # a run resumed here logs the same means as an uninterrupted one
+      pending[str(step)] = [{k: float(v) for k, v in m.items()}
+                            for m in jax.device_get(window)]
+      for old in sorted(pending, key=int)[:-3]:  # Orbax keeps the last 2
+        del pending[old]
+      common.write_json(pending_file, pending)
       ckpt.save(step, tree, force=True)
       saved["step"] = step
 
@@ -733,6 +740,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   step = start_step
   t_start = time.perf_counter()
   window: list = []
+  pending_file = workdir / "pending_metrics.json"
+  pending = (json.loads(pending_file.read_text()) if pending_file.exists()
+             and start_step else {})
+  window = [{k: np.float32(v) for k, v in m.items()}
+            for m in pending.get(str(start_step), [])]
   while step < stop_step:
     epoch, start_batch = divmod(step, steps_per_epoch)
     bits = bits_for_epoch(config, epoch)

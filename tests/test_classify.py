@@ -52,7 +52,7 @@ def tiny_config(model="resnet8", precision="4w4a", **overrides):
   config.log_every_steps = 2
   config.checkpoint_every_steps = 3
   config.progress_every_s = 1e9
-  config.quant.start_bits = 6
+  config.quant.start_bits = 5  # reaches the target 4 bits in epoch 2
   config.quant.epochs_per_step = 1
   config.consistency.max_examples = 0
   for key, value in overrides.items():

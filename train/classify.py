@@ -52,6 +52,7 @@ from pdeq_jax import surgery
 from pdeq_jax import xla_options
 from pdeq_jax.data import images as image_data
 from train import common
+from train import validate
 
 FLOAT_BITS = common.FLOAT_BITS
 DATA_AXIS = "data"
@@ -70,6 +71,7 @@ class TrainState:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before any work is done."""
+  validate.image(config)
   common.check_bits_config(config)
   if config.quant.gradual:
     quant.check_bits(config.quant.start_bits, "config.quant.start_bits")
@@ -555,6 +557,7 @@ def _sum_batches(step_fn, batches, mesh: Mesh):
 def evaluate(eval_step, variables, batches, *, bits: layers.QuantBits,
              mesh: Mesh, task: Task = CLASSIFICATION) -> Dict[str, float]:
   """``task.summarize`` of the metric sums over every (unmasked) example."""
+  common.check_runtime_bits(bits)
   totals = _sum_batches(
       lambda x, y, mask: eval_step(variables, x, y, mask, bits), batches,
       mesh)
@@ -574,6 +577,7 @@ def evaluate_consistency(model, variables, batches, *,
   the full summaries) and the per-layer (normalised) MSE between the two
   runs' hidden maps (every block's output), over all the examples.
   """
+  common.check_runtime_bits(bits)
   reference_bits = layers.QuantBits(bits.weights,
                                     quant.bits_as_array(None))
   replicated, batch_sharding = shardings(mesh)
@@ -705,8 +709,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   def save(step: int) -> None:
     if step != saved["step"]:
       # Host copies: the next step donates the state's device buffers.
-      ckpt.save(step, _host({"state": state, "best": best}), force=True)
+      tree = _host({"state": state, "best": best})
+      if not common.tree_is_finite(tree["state"].params):
+        stop({"parameters": np.nan}, step)
+      # the training metrics of the steps since the last log line, so that
+      # a run resumed here logs the same means as an uninterrupted one
+      pending[str(step)] = [{k: float(v) for k, v in m.items()}
+                            for m in jax.device_get(window)]
+      for old in sorted(pending, key=int)[:-3]:  # Orbax keeps the last 2
+        del pending[old]
+      common.write_json(pending_file, pending)
+      ckpt.save(step, tree, force=True)
       saved["step"] = step
+
+  def stop(values, step: int) -> None:
+    """Stops on a NaN/Inf in ``values``, keeping the last good checkpoint."""
+    common.check_finite(
+        values, f"step {step} (epoch {step / steps_per_epoch:.2f})",
+        f"step {saved['step']}" if saved["step"] else None,
+        on_error=ckpt.close)
 
   stop_step = total_steps if max_steps_this_call is None else min(
       total_steps, start_step + max_steps_this_call)
@@ -719,9 +740,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   step = start_step
   t_start = time.perf_counter()
   window: list = []
+  pending_file = workdir / "pending_metrics.json"
+  pending = (json.loads(pending_file.read_text()) if pending_file.exists()
+             and start_step else {})
+  window = [{k: np.float32(v) for k, v in m.items()}
+            for m in pending.get(str(start_step), [])]
   while step < stop_step:
     epoch, start_batch = divmod(step, steps_per_epoch)
     bits = bits_for_epoch(config, epoch)
+    common.check_runtime_bits(bits)
     batches = source.train_batches(batch_size, int(config.seed), epoch,
                                    start_batch)
     for images, labels in batches:
@@ -733,6 +760,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
         summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
                    for k in window[0]}
         window = []
+        stop(summary, step)  # every log_every_steps steps and epoch end
         writer.write(step=step, epoch=step / steps_per_epoch,
                      lr=float(lr_fn(step - 1)), weight_bits=int(bits.weights),
                      act_bits=int(bits.activations),
@@ -756,6 +784,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
                      source.eval_batches("val", eval_batch), bits=bits,
                      mesh=mesh, task=task)
       done_epoch = step // steps_per_epoch - 1
+      if val.get("count", 0):
+        stop({f"val_{k}": v for k, v in val.items()}, step)
       # Select only among epochs trained at the target bits (the gradual
       # schedule's early epochs are a different, higher-precision model).
       at_target = common.at_target_bits(config, bits)
@@ -819,7 +849,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
         bits=final_bits, mesh=mesh, task=task)
     results.update(write_consistency(workdir, config, stats))
   common.write_json(workdir / "results.json", results)
-  (workdir / "report.md").write_text(report_markdown(results))
+  common.write_text(workdir / "report.md", report_markdown(results))
   plot_curves(writer.read(), workdir / "curves.png")
   if verbose:
     print(summary_line(results))
@@ -853,11 +883,12 @@ def consistency_report(workdir: str, max_examples: int = 0,
   consistency entries of ``results.json``.
   """
   workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads(
-      (workdir / "config.json").read_text()))
+  config = load_run_config(workdir)
   if config.quant.act_bits == FLOAT_BITS:
-    raise ValueError(f"{workdir} is a full-precision run: there is no b-bit "
-                     "vs clip-only comparison to make")
+    raise validate.ConfigError(
+        f"{workdir} is a full-precision run: there is no b-bit vs clip-only "
+        "comparison to make", "config.quant.act_bits", FLOAT_BITS,
+        "allowed: a run with quantized activations, [2, 16] bits")
   from train import tasks  # pylint: disable=import-outside-toplevel
   trainer = tasks.trainer_for(config.task)
   task = trainer.TASK
@@ -877,6 +908,27 @@ def consistency_report(workdir: str, max_examples: int = 0,
     results.update(entries)
     common.write_json(results_file, results)
   return stats
+
+
+def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The ``config.json`` of a run that has saved a checkpoint (clear errors
+  for a directory that is not one)."""
+  path = workdir / "config.json"
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir} does not exist: give the workdir of a "
+                            "finished run")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir "
+                            "of a run")
+  try:
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  except ValueError:
+    raise ValueError(f"{path} is corrupt (not JSON): rerun the training or "
+                     "restore the file") from None
+  if not common.workdir_claimed(workdir):
+    raise FileNotFoundError(f"no checkpoints under {workdir / 'checkpoints'}:"
+                            f" the run at {workdir} never saved a model")
+  return config
 
 
 def summary_line(r: Dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ Every run writes into its ``--workdir``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,11 +55,38 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def write_json(path: os.PathLike, obj: Any) -> None:
+def write_text(path: os.PathLike, text: str) -> None:
+  """Writes ``text`` atomically: a temporary file in the same directory, then
+  ``os.replace``; a kill leaves either the old file or the new one, never a
+  half-written one."""
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
-  tmp.replace(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_json(path: os.PathLike, obj: Any) -> None:
+  """``obj`` as JSON, written atomically (:func:`write_text`)."""
+  write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+
+
+def workdir_claimed(workdir: os.PathLike) -> bool:
+  """Whether a run has started training in ``workdir``: it holds a checkpoint
+  (of its own or of a pipeline stage) or a finished run's results.  A run that
+  failed before its first checkpoint claims nothing."""
+  workdir = pathlib.Path(workdir)
+  if (workdir / "results.json").exists():
+    return True
+  return any(any(d.iterdir()) for d in
+             (*workdir.glob("checkpoints"), *workdir.glob("*/checkpoints"))
+             if d.is_dir())
 
 
 def prepare_workdir(workdir: os.PathLike, config: Any,
@@ -66,17 +94,26 @@ def prepare_workdir(workdir: os.PathLike, config: Any,
                     ) -> pathlib.Path:
   """Creates ``workdir`` and records the config; refuses a mismatched resume.
 
-  A workdir that already holds a different config (apart from the keys in
-  ``resume_keys_ignored``, e.g. extending the number of epochs) raises
-  ValueError naming the differing keys, so that a resumed run can never
-  silently mix two experiments.
+  A workdir whose run has started training (:func:`workdir_claimed`) and
+  holds a different config (apart from the keys in ``resume_keys_ignored``,
+  e.g. extending the number of epochs) raises ValueError naming the differing
+  keys, so that a resumed run can never silently mix two experiments.  The
+  ``config.json`` of a run that failed before training is simply replaced.
   """
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a "
+                             "directory")
   workdir.mkdir(parents=True, exist_ok=True)
   new = _jsonable(config_to_dict(config))
   path = workdir / "config.json"
-  if path.exists():
-    old = json.loads(path.read_text())
+  if path.exists() and workdir_claimed(workdir):
+    try:
+      old = json.loads(path.read_text())
+    except ValueError:
+      raise ValueError(f"{path} is corrupt (not JSON); delete the workdir "
+                       f"{workdir} to start fresh, or use a new --workdir"
+                       ) from None
     diffs = sorted(_diff_keys(old, new) - set(resume_keys_ignored))
     if diffs:
       raise ValueError(
@@ -109,8 +146,8 @@ class MetricWriter:
     if not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get(key, -1) <= step]
-    self.path.write_text("".join(line + "\n" for line in kept))
+            if _parse_line(line).get(key, math.inf) <= step]
+    write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, **metrics: Any) -> None:
     with self.path.open("a") as f:
@@ -119,8 +156,94 @@ class MetricWriter:
   def read(self) -> list:
     if not self.path.exists():
       return []
-    return [json.loads(line) for line in self.path.read_text().splitlines()
-            if line.strip()]
+    rows = [_parse_line(line) for line in self.path.read_text().splitlines()]
+    return [row for row in rows if row]
+
+
+def _parse_line(line: str) -> Dict[str, Any]:
+  """One metrics line; {} for a blank line or one cut short by a kill."""
+  try:
+    row = json.loads(line) if line.strip() else {}
+  except ValueError:
+    return {}
+  return row if isinstance(row, dict) else {}
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back (truncated, corrupt, mismatched)."""
+
+  def __init__(self, directory: os.PathLike, step: int, cause: BaseException):
+    cause_text = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    workdir = pathlib.Path(directory).parent
+    super().__init__(
+        f"checkpoint {pathlib.Path(directory) / str(step)} cannot be restored "
+        f"({cause_text}); to start fresh delete {directory} (or the whole "
+        f"workdir {workdir}), or use a new --workdir")
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN or Inf; the last good checkpoint is kept."""
+
+
+def check_finite(values: Mapping[str, Any], where: str,
+                 last_good: Optional[str] = None,
+                 on_error: Optional[Any] = None) -> None:
+  """Raises :class:`NonFiniteError` naming ``where`` (e.g. "epoch 7") and the
+  first non-finite entry of ``values`` (scalars or arrays); ``on_error()``
+  runs first (e.g. finishing the pending checkpoint writes)."""
+  for key, value in values.items():
+    arr = np.asarray(value)
+    if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
+      if on_error is not None:
+        on_error()
+      shown = arr.item() if arr.ndim == 0 else "non-finite entries"
+      keep = (f"; the last good checkpoint ({last_good}) is kept"
+              if last_good else "; no checkpoint was written")
+      raise NonFiniteError(
+          f"training diverged: {key} = {shown} at {where}{keep}; no "
+          "results.json written (lower the learning rate or check the "
+          "inputs)")
+
+
+def tree_is_finite(tree: Any) -> bool:
+  """Whether every floating-point leaf of ``tree`` is finite (host check)."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    arr = np.asarray(leaf)
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+      return False
+  return True
+
+
+def check_runtime_bits(bits: Any) -> None:
+  """Bits entering a trainer's step: each in [2, 32] (32 = clip only).
+
+  Bits are traced inside the jitted steps, where a value below 2 turns the
+  quantizer's grid into NaN; they are checked here, on the host, where they
+  enter the trainers.
+  """
+  for name, value in zip(("weights", "activations"), bits):
+    if value is None:
+      continue
+    v = int(np.asarray(value))
+    if not quant.MIN_BITS <= v <= quant.MAX_BITS:
+      raise ValueError(f"runtime bit width out of range (bits.{name} = {v}; "
+                       f"allowed: [{quant.MIN_BITS}, {quant.MAX_BITS}], "
+                       f"{quant.CLIP_ONLY_BITS} = clip only)")
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Orbax logs ERROR lines of its own for a corrupt checkpoint; the
+  :class:`CorruptCheckpointError` says it in one line (shown with
+  --verbosity=1)."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  verbosity = logging.get_verbosity()
+  if verbosity < logging.DEBUG:
+    logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 class Checkpointer:
@@ -128,12 +251,14 @@ class Checkpointer:
 
   def __init__(self, directory: os.PathLike, keep: int = 2):
     self.directory = pathlib.Path(directory).absolute()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    with _orbax_quiet():
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
+    with _orbax_quiet():
+      return self.manager.latest_step()
 
   def save(self, step: int, tree: Any, *, force: bool = False) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(tree), force=force)
@@ -143,14 +268,21 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return self._restore(step, ocp.args.StandardRestore(abstract))
 
   def restore_raw(self, step: Optional[int] = None) -> Any:
     """The saved tree as nested dicts of arrays, without a target."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
-    return self.manager.restore(step, args=ocp.args.StandardRestore())
+    return self._restore(step, ocp.args.StandardRestore())
+
+  def _restore(self, step: int, args: Any) -> Any:
+    with _orbax_quiet():
+      try:
+        return self.manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CorruptCheckpointError(self.directory, step, e) from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

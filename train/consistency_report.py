@@ -14,25 +14,33 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app
 from absl import flags
 
 from pdeq_jax import consistency
 from train import classify
+from train import cli
 from train import common
+from train import validate
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  flags.DEFINE_list("workdirs", None, "Finished runs (b-bit activations).")
-  flags.DEFINE_string("output", None, "Directory for the joint table/plot.")
-  flags.DEFINE_integer("max_examples", 0, "Test images (0: all).")
-  flags.DEFINE_enum("which", "best", ["best", "final"], "Model of each run.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_list("workdirs", None, "Finished runs (b-bit activations).",
+                    **fv)
+  flags.DEFINE_string("output", None, "Directory for the joint table/plot.",
+                      **fv)
+  flags.DEFINE_integer("max_examples", 0, "Test images (0: all).", **fv)
+  flags.DEFINE_enum("which", "best", ["best", "final"], "Model of each run.",
+                    **fv)
 
 
 def report(workdirs, output: str, max_examples: int = 0,
            which: str = "best") -> str:
+  validate.integer_at_least(max_examples, "--max_examples", 0)
+  for workdir in workdirs:  # every run checked before anything is written
+    classify.load_run_config(pathlib.Path(workdir))
   output_dir = pathlib.Path(output)
   output_dir.mkdir(parents=True, exist_ok=True)
   curves, rows = {}, []
@@ -55,7 +63,7 @@ def report(workdirs, output: str, max_examples: int = 0,
               ["run", "test images", "acc b-bit %", "acc clip-only %",
                "act MSE", "normalised MSE", "normalised MSE, last block"],
               rows))
-  (output_dir / "consistency.md").write_text(text)
+  common.write_text(output_dir / "consistency.md", text)
   consistency.plot_layerwise_mse(curves, str(output_dir / "layerwise_mse.png"),
                                  title="b-bit vs clip-only activations")
   print(text)
@@ -65,12 +73,12 @@ def report(workdirs, output: str, max_examples: int = 0,
 def main(argv):
   common.quiet_absl_logging()
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdirs or not FLAGS.output:
-    raise app.UsageError("--workdirs and --output are required")
+    raise ValueError("--workdirs and --output are required")
   report(FLAGS.workdirs, FLAGS.output, FLAGS.max_examples, FLAGS.which)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -552,7 +552,7 @@ def run(workdir: str,
            f"{bits}-bit unsigned")
   _plot(out / "fig2.png", maps, whole["rows"], c, title, alpha_trained)
   text = markdown_report(result)
-  (out / "fig2.md").write_text(text)
+  common.write_text(out / "fig2.md", text)
   if verbose:
     print(text)
   return result
@@ -631,43 +631,49 @@ def markdown_report(result: Dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- flags ---
 
-def define_flags() -> None:
+def define_flags(flag_values=None) -> None:
   """Command-line flags (defined only when run as a program)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "A classification run's workdir.")
-  flags.DEFINE_string("output_dir", None, "Where fig2.{json,md,png} go.")
-  flags.DEFINE_integer("image_index", 0, "Index into the run's test set.")
-  flags.DEFINE_integer("layer", 1, "Block whose output is used (1-based).")
+  fv = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
+  flags.DEFINE_string("workdir", None, "A classification run's workdir.", **fv)
+  flags.DEFINE_string("output_dir", None, "Where fig2.{json,md,png} go.", **fv)
+  flags.DEFINE_integer("image_index", 0, "Index into the run's test set.", **fv)
+  flags.DEFINE_integer("layer", 1, "Block whose output is used (1-based).", **fv)
   flags.DEFINE_string("channel", "auto",
                       "Channel shown in the figure: an index or 'auto' "
-                      "(largest variance).")
-  flags.DEFINE_float("gamma_sq", 0.1, "γ² of the TV step (Eq. 14).")
-  flags.DEFINE_list("steps", ["1", "3"], "TV step counts (0 is always added).")
-  flags.DEFINE_integer("bits", 4, "Unsigned quantization bits.")
+                      "(largest variance).", **fv)
+  flags.DEFINE_float("gamma_sq", 0.1, "γ² of the TV step (Eq. 14).", **fv)
+  flags.DEFINE_list("steps", ["1", "3"], "TV step counts (0 is always added).", **fv)
+  flags.DEFINE_integer("bits", 4, "Unsigned quantization bits.", **fv)
   flags.DEFINE_enum("which", "best", ["best", "final"],
                     "Which model of the run: best (falls back to the latest "
                     "state while no epoch at the target bits was validated) "
-                    "or final (latest checkpoint).")
+                    "or final (latest checkpoint).", **fv)
   flags.DEFINE_enum("map", "output", list(MAP_KINDS),
                     "output: the block output (after its ReLU); preact: the "
                     "block's pre-activation z, smoothed as relu(S(z)) (ResNet "
-                    "BasicBlocks only).")
+                    "BasicBlocks only).", **fv)
   flags.DEFINE_integer("num_images", 64,
-                       "Also summarise the first N test images (0: off).")
-  flags.DEFINE_string("data_dir", None, "Overrides the run's data.data_dir.")
-  flags.mark_flags_as_required(["workdir", "output_dir"])
+                       "Also summarise the first N test images (0: off).", **fv)
+  flags.DEFINE_string("data_dir", None, "Overrides the run's data.data_dir.", **fv)
+
+
+FLAGS = None  # flags.FLAGS when run as a program (tests set their own)
 
 
 def main(argv) -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
   common.quiet_absl_logging()
-  f = flags.FLAGS
+  f = FLAGS or flags.FLAGS
+  for name in ("workdir", "output_dir"):
+    if f[name].value is None:
+      raise ValueError(f"--{name} is required")
   try:
     steps = [int(s) for s in f.steps]
   except ValueError:
-    raise app.UsageError(f"--steps must be integers, got {f.steps}")
+    raise ValueError(f"--steps must be integers, got {f.steps}") from None
   run(f.workdir, f.output_dir, image_index=f.image_index, layer=f.layer,
       channel=f.channel, gamma_sq=f.gamma_sq, steps=steps, bits=f.bits,
       which=f.which, map_kind=f.map, num_images=f.num_images,
@@ -675,6 +681,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=ungrouped-imports
+  from train import cli  # pylint: disable=ungrouped-imports
   define_flags()
-  _app.run(main)
+  cli.run(main)

@@ -10,35 +10,44 @@ define fails with an error naming it.  The config's ``task`` picks the trainer.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from train import cli
 from train import common
 from train import tasks
+from train import validate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a get_config() file, optionally ':arg'.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Directory for checkpoints, metrics and plots.")
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Command-line flags (defined only when run as a program)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to a get_config() file, optionally ':arg'.",
+      lock_config=True, flag_values=flag_values)
+  flags.DEFINE_string("workdir", None,
+                      "Directory for checkpoints, metrics and plots.",
+                      flag_values=flag_values)
+
 
 def main(argv):
   common.quiet_absl_logging()
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  flags.mark_flags_as_required(["config", "workdir"])
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required")
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  for name in ("config", "workdir"):
+    if FLAGS[name].value is None:
+      raise ValueError(f"--{name} is required")
+  config = FLAGS.config
+  validate.config(config)  # before anything is written
   if config.get("distributed", False):
     jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())
-  tasks.trainer_for(config.task).train_and_evaluate(config, _WORKDIR.value)
+  tasks.trainer_for(config.task).train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  define_flags()
+  cli.run(main)

@@ -39,6 +39,7 @@ from pdeq_jax.models import pde_gcn
 from pdeq_jax.models.pde_gcn import GraphOperator
 from pdeq_jax.models.pde_gcn import SparseFeatures
 from train import common
+from train import validate
 
 FLOAT_BITS = common.FLOAT_BITS
 
@@ -190,6 +191,7 @@ def evaluate_consistency(model, params, task: NodeTask, bits: layers.QuantBits
     logits, hidden = model.apply({"params": params}, task.features, task.graph,
                                  b, return_hidden=True)
     return _accuracy(logits, task.labels, task.test_idx), hidden
+  common.check_runtime_bits(bits)
   clip_only = layers.QuantBits(bits.weights, quant.bits_as_array(None))
   acc_b, hidden_b = run(params, bits, task)
   acc_ref, hidden_ref = run(params, clip_only, task)
@@ -215,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ``max_epochs_this_call`` stops early (after checkpointing) to simulate a
   crash in tests.
   """
-  check_bits_config(config)
+  validate.gcn(config)
   workdir = common.prepare_workdir(workdir, config)
   task = load_task(config)
   model = create_model(config, task.num_classes)
@@ -231,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f"resumed from {workdir} at epoch {int(state['epoch'])}")
   start_epoch = int(state["epoch"])
   writer.truncate_after(start_epoch - 1, key="epoch")
+  last_good = f"step {start_epoch}" if start_epoch else None
 
   train_step = make_train_step(model, tx, task)
   eval_step = make_eval_step(model, task)
@@ -250,9 +253,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stopped_early = True
       break
     bits = bits_for_epoch(config, epoch)
+    common.check_runtime_bits(bits)
     rng = jax.random.fold_in(state["dropout_key"], epoch)
     params, opt_state, loss = train_step(params, opt_state, bits, rng)
     metrics = _to_host(eval_step(params, bits))
+    # epochs are logged 0-based, checkpoints by steps (= epochs) done:
+    # "epoch e (step e + 1)" is the (e + 1)-th full-batch step
+    common.check_finite({"loss": loss, **metrics},
+                        f"epoch {epoch} (step {epoch + 1})", last_good,
+                        on_error=ckpt.close)
     improved = common.at_target_bits(config, bits) and (
         metrics["val_acc"] > best["val_acc"] or
         (metrics["val_acc"] == best["val_acc"] and
@@ -269,6 +278,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     f"{metrics['val_acc']:.3f} best val {best['val_acc']:.3f}"
                     f" (test {best['test_acc']:.3f} @ {int(best['epoch'])})")
     if epoch % int(config.checkpoint_every) == 0 or epoch == stop_epoch:
+      if not common.tree_is_finite(params):
+        common.check_finite({"parameters": np.nan},
+                            f"epoch {epoch - 1} (step {epoch})", last_good,
+                            on_error=ckpt.close)
+      last_good = f"step {epoch}"
       ckpt.save(epoch, {"params": params, "opt_state": opt_state,
                         "epoch": jnp.int32(epoch),
                         "dropout_key": state["dropout_key"], "best": best})

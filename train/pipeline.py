@@ -36,21 +36,12 @@ from pdeq_jax import tv
 from train import classify
 from train import common
 from train import tasks
+from train import validate
 
 
 def check_pipeline_config(config: ml_collections.ConfigDict) -> None:
-  stages = list(config.stages)
-  if not stages:
-    raise ValueError("config.stages is empty")
-  for stage in stages:
-    if stage not in config:
-      raise ValueError(f"config.stages names {stage!r} but config has no "
-                       f"section config.{stage}")
-    source = config.stage_inputs.get(stage, "")
-    if source and source not in stages[:stages.index(stage)]:
-      raise ValueError(f"config.stage_inputs.{stage}={source!r} must be a stage"
-                       f" that runs before it, one of "
-                       f"{stages[:stages.index(stage)]}")
+  """The stages and every stage's config (:func:`validate.pipeline`)."""
+  validate.pipeline(config)
 
 
 def tv_layer_report(stage_config: ml_collections.ConfigDict,
@@ -118,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stages) to simulate a crash in tests; ``dataset`` replaces every stage's
   ``config.data`` (tests).
   """
-  check_pipeline_config(config)
+  validate.pipeline(config)
   workdir = common.prepare_workdir(workdir, config)
   summary: Dict[str, Any] = {"stages": {}}
   for stage in config.stages:
@@ -158,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summary["stages"][stage] = results
   common.write_json(workdir / "pipeline.json", summary)
   text = pipeline_markdown(config, summary)
-  (workdir / "pipeline.md").write_text(text)
+  common.write_text(workdir / "pipeline.md", text)
   if verbose:
     print(text)
   return summary

@@ -24,7 +24,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Dict, List, Optional
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -32,34 +31,40 @@ from configs import cifar as cifar_configs
 from configs import pde_gcn as gcn_configs
 from pdeq_jax import consistency
 from train import classify
+from train import cli
 from train import common
 from train import node_classify
 from train import sweep
+from train import validate
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_list("datasets", ["cora"], "Datasets to run.")
-  flags.DEFINE_list("forms", ["nonsym", "sym"], "sym and/or nonsym.")
-  flags.DEFINE_list("precisions", ["fp", "4w8a", "4w4a"], "Precision rows.")
-  flags.DEFINE_integer("seeds", 5, "Seeds per row.")
-  flags.DEFINE_string("workdir", "workdirs/table7", "Output dir.")
-  flags.DEFINE_integer("num_epochs", None, "Override the configs' epochs.")
-  flags.DEFINE_integer("patience", None, "Override early-stopping patience.")
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_list("datasets", ["cora"], "Datasets to run.", **fv)
+  flags.DEFINE_list("forms", ["nonsym", "sym"], "sym and/or nonsym.", **fv)
+  flags.DEFINE_list("precisions", ["fp", "4w8a", "4w4a"], "Precision rows.",
+                    **fv)
+  flags.DEFINE_integer("seeds", 5, "Seeds per row.", **fv)
+  flags.DEFINE_string("workdir", "workdirs/table7", "Output dir.", **fv)
+  flags.DEFINE_integer("num_epochs", None, "Override the configs' epochs.",
+                       **fv)
+  flags.DEFINE_integer("patience", None, "Override early-stopping patience.",
+                       **fv)
   flags.DEFINE_bool("report_only", False,
-                    "Only tabulate finished runs; train nothing.")
+                    "Only tabulate finished runs; train nothing.", **fv)
   flags.DEFINE_bool("recompute_consistency", False,
                     "table7: re-evaluate finished quantized runs trained "
                     "before the rounding-noise ratio and kernel statistics "
-                    "existed, from their checkpoints.")
+                    "existed, from their checkpoints.", **fv)
   # cnn
   flags.DEFINE_list("pairs", ["resnet56:stable_resnet56"],
-                    "standard:stable model pairs (cnn).")
-  flags.DEFINE_string("dataset", "cifar10_jpeg", "Image dataset (cnn).")
-  flags.DEFINE_bool("cpu", False, "CPU-sized configs (cnn).")
-  flags.DEFINE_integer("max_train", None, "Training subset size (cnn).")
+                    "standard:stable model pairs (cnn).", **fv)
+  flags.DEFINE_string("dataset", "cifar10_jpeg", "Image dataset (cnn).", **fv)
+  flags.DEFINE_bool("cpu", False, "CPU-sized configs (cnn).", **fv)
+  flags.DEFINE_integer("max_train", None, "Training subset size (cnn).", **fv)
 
 
 # Table 7 of the paper: (dataset, symmetric, precision) -> (accuracy %, MSE)
@@ -121,9 +126,11 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
   (rounding-noise ratio, kernel statistics), from their checkpoints, without
   training.
   """
+  validate.reproduce("table7", datasets=datasets, forms=forms,
+                     precisions=precisions, seeds=seeds,
+                     num_epochs=num_epochs, patience=patience)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  runs = []
+  planned = []  # every config is validated before anything is written
   for dataset in datasets:
     for precision in precisions:
       for form in forms:
@@ -137,19 +144,24 @@ def run_table7(datasets, forms, precisions, seeds: int, workdir: str,
             config.patience = patience
           if config_overrides:
             config = sweep.apply_overrides(config, config_overrides)
-          run_dir = workdir / f"{dataset}_{form}_{precision}" / f"seed{seed}"
-          results = common.run_or_load(node_classify, config, run_dir, report_only,
-                                verbose=False)
-          if results is None:
-            continue
-          if (recompute_consistency and "consistency" in results and
-              "kernel_identity_deviation" not in results["consistency"]):
-            # results.json keeps common.run_or_load's wall_seconds
-            results = node_classify.recompute_consistency(config, str(run_dir))
-          results["row"] = (dataset, form == "sym", precision)
-          runs.append(results)
-          if verbose:
-            print(node_classify.summary_line(results), flush=True)
+          validate.gcn(config)
+          planned.append((dataset, form, precision, seed, config))
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs = []
+  for dataset, form, precision, seed, config in planned:
+    run_dir = workdir / f"{dataset}_{form}_{precision}" / f"seed{seed}"
+    results = common.run_or_load(node_classify, config, run_dir,
+                                 report_only, verbose=False)
+    if results is None:
+      continue
+    if (recompute_consistency and "consistency" in results and
+        "kernel_identity_deviation" not in results["consistency"]):
+      # results.json keeps common.run_or_load's wall_seconds
+      results = node_classify.recompute_consistency(config, str(run_dir))
+    results["row"] = (dataset, form == "sym", precision)
+    runs.append(results)
+    if verbose:
+      print(node_classify.summary_line(results), flush=True)
   write_table7(runs, workdir, seeds)
   return {"runs": runs}
 
@@ -203,7 +215,7 @@ def write_table7(runs, workdir: pathlib.Path, seeds: int) -> str:
           "paper's MSE column is on another scale "
           "(its code prints both a mean and a Frobenius norm).\n\n"
           + common.markdown_table(header, rows))
-  (workdir / "table7.md").write_text(text)
+  common.write_text(workdir / "table7.md", text)
   common.write_json(workdir / "table7.json", runs)
   # Fig. 3-style plots: sym vs non-sym per (dataset, precision), seed 0.
   for (dataset, symmetric, precision), rs in grouped.items():
@@ -225,14 +237,13 @@ def run_cnn(pairs, dataset: str, precisions, seeds: int, workdir: str, *,
             config_overrides: Optional[Dict[str, Any]] = None,
             report_only: bool = False, verbose: bool = True) -> Dict[str, Any]:
   """Standard vs stable CNN pairs (Tables 4/5, Fig. 3) for several seeds."""
+  validate.reproduce("cnn", pairs=pairs, precisions=precisions, seeds=seeds,
+                     num_epochs=num_epochs, dataset=dataset,
+                     max_train=max_train)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  runs = []
+  planned = []  # every config is validated before anything is written
   for pair in pairs:
     names = pair.split(":")
-    if len(names) != 2:
-      raise ValueError(f"--pairs entries must be 'standard:stable', got "
-                       f"{pair!r}")
     for precision in precisions:
       for name in names:
         for seed in range(seeds):
@@ -245,15 +256,20 @@ def run_cnn(pairs, dataset: str, precisions, seeds: int, workdir: str, *,
             config.data.max_train = max_train
           if config_overrides:
             config = sweep.apply_overrides(config, config_overrides)
-          run_dir = workdir / f"{name}_{precision}" / f"seed{seed}"
-          results = common.run_or_load(classify, config, run_dir, report_only,
-                                verbose=verbose)
-          if results is None:
-            continue
-          results["row"] = (pair, name, precision)
-          runs.append(results)
-          if verbose:
-            print(classify.summary_line(results), flush=True)
+          classify.check_config(config)
+          planned.append((pair, name, precision, seed, config))
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs = []
+  for pair, name, precision, seed, config in planned:
+    run_dir = workdir / f"{name}_{precision}" / f"seed{seed}"
+    results = common.run_or_load(classify, config, run_dir, report_only,
+                                 verbose=verbose)
+    if results is None:
+      continue
+    results["row"] = (pair, name, precision)
+    runs.append(results)
+    if verbose:
+      print(classify.summary_line(results), flush=True)
   write_cnn_table(runs, workdir)
   return {"runs": runs}
 
@@ -290,7 +306,7 @@ def write_cnn_table(runs, workdir: pathlib.Path) -> str:
           "(every block's output, mean over blocks; normalised per block by "
           "the clip-only mean square, Fig. 3).  Paper values: Table 4 "
           "(CIFAR-10, 400 epochs).\n\n" + common.markdown_table(header, rows))
-  (workdir / "cnn_table.md").write_text(text)
+  common.write_text(workdir / "cnn_table.md", text)
   common.write_json(workdir / "cnn_table.json", runs)
   pairs = sorted({(p, prec) for (p, _, prec) in grouped})
   for pair, precision in pairs:
@@ -310,8 +326,9 @@ def write_cnn_table(runs, workdir: pathlib.Path) -> str:
 
 def main(argv):
   common.quiet_absl_logging()
-  if len(argv) != 2 or argv[1] not in ("table7", "cnn"):
-    raise app.UsageError("usage: python -m train.reproduce table7|cnn [flags]")
+  if len(argv) != 2:
+    raise ValueError("usage: python -m train.reproduce table7|cnn [flags]")
+  validate.one_of(argv[1], "command", ("table7", "cnn"), "unknown table")
   if argv[1] == "cnn":
     run_cnn(FLAGS.pairs, FLAGS.dataset, FLAGS.precisions, FLAGS.seeds,
             FLAGS.workdir, cpu=FLAGS.cpu, num_epochs=FLAGS.num_epochs,
@@ -325,4 +342,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -31,31 +31,33 @@ import math
 import pathlib
 from typing import Any, Callable, Dict
 
-from absl import app
 from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from train import cli
 from train import common
 from train import tasks
+from train import validate
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Command-line flags (defined only when run as a program)."""
+  fv = {"flag_values": flag_values}
   config_flags.DEFINE_config_file("config", None, "Base config.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Sweep directory.")
-  flags.DEFINE_integer("trials", 20, "Trial budget.")
-  flags.DEFINE_string("space", "gcn", "Search space name.")
-  flags.DEFINE_integer("sweep_seed", 0, "Seed of the sampler.")
+                                  lock_config=True, **fv)
+  flags.DEFINE_string("workdir", None, "Sweep directory.", **fv)
+  flags.DEFINE_integer("trials", 20, "Trial budget.", **fv)
+  flags.DEFINE_string("space", "gcn", "Search space name.", **fv)
+  flags.DEFINE_integer("sweep_seed", 0, "Seed of the sampler.", **fv)
   flags.DEFINE_enum("sampler", "random", list(SAMPLERS),
                     "How trials are proposed: independent random draws or "
-                    "TPE on the finished trials.")
+                    "TPE on the finished trials.", **fv)
   flags.DEFINE_integer("seeds_per_trial", 1,
                        "Training seeds per trial; trials are ranked by the "
-                       "mean validation accuracy over them.")
+                       "mean validation accuracy over them.", **fv)
 
 
 class _Range:
@@ -305,10 +307,10 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
               sweep_seed: int = 0, verbose: bool = True,
               seeds_per_trial: int = 1, sampler: str = "random"
               ) -> Dict[str, Any]:
-  if seeds_per_trial < 1:
-    raise ValueError(f"seeds_per_trial must be >= 1, got {seeds_per_trial}")
-  if sampler not in SAMPLERS:
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  validate.sweep(config, trials=trials, space=space,
+                 seeds_per_trial=seeds_per_trial, sampler=sampler,
+                 spaces=SPACES, samplers=SAMPLERS)
+  _base_values(space, config)  # a space that needs a base value has one
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(sweep_seed)
@@ -329,12 +331,18 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
         raise ValueError(f"{trial_dir} was run with other overrides ({stored});"
                          " use the same --space/--sweep_seed or a new workdir")
     trial_dir.mkdir(parents=True, exist_ok=True)
-    overrides_file.write_text(json.dumps(overrides))
-    results = _train_trial(trainer, apply_overrides(config, overrides),
-                           trial_dir, seeds_per_trial)
+    common.write_text(overrides_file, json.dumps(overrides))
+    try:
+      results = _train_trial(trainer, apply_overrides(config, overrides),
+                             trial_dir, seeds_per_trial)
+    except common.NonFiniteError as e:  # ranked last, the sweep goes on
+      results = {"val_acc": 0.0, "test_acc": 0.0, "best_epoch": -1,
+                 "diverged": str(e)}
     row = {"trial": trial, **overrides, "val_acc": results["val_acc"],
            "test_acc": results["test_acc"], "best_epoch": results["best_epoch"],
            "act_mse": results.get("act_mse")}
+    if "diverged" in results:
+      row["diverged"] = True
     rows.append(row)
     if verbose:
       print(f"trial {trial}: val {100 * row['val_acc']:.2f} test "
@@ -347,7 +355,8 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
       ["trial", *keys, "val acc", "test acc", "best epoch"],
       [[r["trial"], *(f"{r[k]:.3g}" for k in keys), f"{100 * r['val_acc']:.2f}",
         f"{100 * r['test_acc']:.2f}", r["best_epoch"]] for r in rows])
-  (workdir / "sweep.md").write_text(
+  common.write_text(
+      workdir / "sweep.md",
       f"{'TPE' if sampler == 'tpe' else 'Random'} search, {trials} trials"
       f" ({space!r} space, sweep seed {sweep_seed}), selected on validation"
       " accuracy"
@@ -355,9 +364,8 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
          f"epoch below are means / the median over them)"
          if seeds_per_trial > 1 else "") + ".\n\n"
       + table)
-  with (workdir / "sweep.jsonl").open("w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  common.write_text(workdir / "sweep.jsonl",
+                    "".join(json.dumps(r) + "\n" for r in rows))
   best = rows[0]
   common.write_json(workdir / "best_config.json",
                     {"overrides": {k: best[k] for k in keys},
@@ -372,7 +380,10 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
 def main(argv):
   common.quiet_absl_logging()
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  for name in ("config", "workdir"):
+    if FLAGS[name].value is None:
+      raise ValueError(f"--{name} is required")
   best = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.trials, FLAGS.space,
                    FLAGS.sweep_seed, seeds_per_trial=FLAGS.seeds_per_trial,
                    sampler=FLAGS.sampler)
@@ -382,5 +393,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

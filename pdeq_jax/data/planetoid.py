@@ -228,6 +228,36 @@ def _check_parses(path: pathlib.Path, ext: str) -> None:
                         f"file ({type(e).__name__}: {e})") from e
 
 
+def verify_local_files(name: str, directory: PathLike) -> None:
+  """Checks every local file of ``name`` against its pinned SHA-256.
+
+  Raises:
+    ChecksumError: naming the file, its expected and its actual hash, and how
+      to fix it.  Files without a pinned sum (PubMed) are checked to parse.
+  """
+  directory = pathlib.Path(directory)
+  for ext in EXTENSIONS:
+    path = directory / f"ind.{name}.{ext}"
+    expected = SHA256.get(f"{name}.{ext}")
+    if expected is None:
+      try:
+        _check_parses(path, ext)
+      except ChecksumError as e:
+        raise ChecksumError(
+            f"Planetoid file {path} is corrupt: it does not parse "
+            f"({e.__cause__ and type(e.__cause__).__name__}); delete it so "
+            f"that it is downloaded again, or replace it") from None
+      continue
+    actual = _sha256(path)
+    if actual != expected:
+      raise ChecksumError(
+          f"Planetoid file {path} fails its checksum (sha256 {actual}, "
+          f"expected {expected}; {path.stat().st_size} bytes): the file is "
+          f"truncated or corrupt; delete it so that it is downloaded again, "
+          f"or replace it with the file from "
+          f"{URL_TEMPLATE.format(name=name, ext=ext)}")
+
+
 def download(name: str, dest_dir: Optional[PathLike] = None, *,
              timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
   """Fetches the files of ``name`` missing from ``dest_dir`` and checks them.
@@ -410,7 +440,8 @@ def load_planetoid(name: str, data_dir: Optional[PathLike] = None, *,
 
   Raises:
     ValueError: unknown ``name``; :class:`ChecksumError` (a ValueError) for a
-      corrupt download.
+      corrupt download or a local file that fails its pinned SHA-256 (the
+      message names the file and the expected hash).
     FileNotFoundError: files missing; the message lists every path tried.
   """
   key = str(name).lower()
@@ -418,6 +449,7 @@ def load_planetoid(name: str, data_dir: Optional[PathLike] = None, *,
     raise ValueError(f"name must be one of {', '.join(NAMES)} (any case), got "
                      f"{name!r}")
   directory = locate(key, data_dir, download)
+  verify_local_files(key, directory)
   read = lambda ext: _load_pickle(directory / f"ind.{key}.{ext}")
   y, tx, ty, allx, ally, adjacency = (
       read(e) for e in ("y", "tx", "ty", "allx", "ally", "graph"))

@@ -74,7 +74,8 @@ class ActQuant(nn.Module):
   @nn.compact
   def __call__(self, x: Array, bits: quant.Bits) -> Array:
     if not self.enabled:
-      return x
+      # Stored, not re-derived: see operators.materialize.
+      return operators.materialize(x)
     alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
     return quant.quantize(x, positive_alpha(alpha), bits, signed=self.signed,
                           grid=self.grid, lsq_grad_scale=self.lsq_grad_scale)

@@ -240,6 +240,47 @@ def avg_pool2x2(x: Array) -> Array:
   return x.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
+def materialize(x: Array) -> Array:
+  """``x`` unchanged, stored in its own buffer: XLA cannot recompute it later.
+
+  The identity in value (bit for bit) and in gradient.  XLA fuses
+  elementwise producers into their consumers and duplicates them where a
+  value has several users.  In a CNN without activation quantizers the
+  residual stream ``x_{k+1} = relu(x_k + BN(conv(...)))`` is such a chain:
+  XLA:CPU fused the whole stream, BatchNorm and ReLU of every earlier block
+  included, into the transposed copies that the convolution weight gradients
+  read, so each block recomputed all earlier ones (ResNet-20 ``fp`` at batch
+  128: 1016 ms/step, 400 ms of it in those copies, against 379 ms with 4W4A
+  quantizers, whose custom-VJP boundary stops the chain).  Calling this where
+  a disabled quantizer sits (:class:`pdeq_jax.layers.ActQuant`) stores the
+  activation once, as the quantized network does.
+
+  How: a one-element ``dynamic_update_slice`` of ``x`` with its own first
+  entry, behind a ``custom_vjp`` whose backward is the identity.  XLA does not
+  duplicate a dynamic-update-slice into consumer fusions.
+  ``jax.lax.optimization_barrier`` does not help here: XLA:CPU removes it
+  before fusion.  A regression test (``tests/test_benchmarks.py``) fails if
+  the fp step becomes > 1.5x slower than the 4W4A step again.
+  """
+  return _materialize(x)
+
+
+def _store(x: Array) -> Array:
+  if x.ndim == 0:
+    return x
+  start = (0,) * x.ndim
+  first = jax.lax.dynamic_slice(x, start, (1,) * x.ndim)
+  return jax.lax.dynamic_update_slice(x, first, start)
+
+
+@jax.custom_vjp
+def _materialize(x):
+  return _store(x)
+
+
+_materialize.defvjp(lambda x: (_store(x), None), lambda _, g: (g,))
+
+
 # ----------------------------------------------------------------------------
 # Graph operators (PDE-GCN).
 

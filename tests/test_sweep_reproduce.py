@@ -94,7 +94,8 @@ class _PruneTrial(optuna.pruners.BasePruner):
 def test_pruned_trials_stop_early_and_rank_last(data_dir, tmp_path):
   config = _tiny_config(data_dir, "cora,sym,fp", num_epochs=4)
   best = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
-                         verbose=False, pruner=_PruneTrial(0, after=2))
+                         verbose=False, pruner=_PruneTrial(0, after=2),
+                         pruner_warmup_epochs=1)
   study = sweep.load_study(tmp_path)
   pruned, complete = study.trials
   assert pruned.state.name == "PRUNED" and complete.state.name == "COMPLETE"

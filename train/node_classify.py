@@ -261,11 +261,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "epoch": np.int32(epoch), "params": _to_host(params)}
     writer.write(epoch=epoch, loss=float(loss), act_bits=int(bits.activations),
                  weight_bits=int(bits.weights),
-                 **{k: float(v) for k, v in metrics.items()})
+                 **{k: float(v) for k, v in metrics.items()},
+                 **common.quantizer_stats(params))
     if epoch_callback is not None and epoch_callback(
         epoch, {**{k: float(v) for k, v in metrics.items()},
                 "best_val_acc": float(best["val_acc"])}):
       ckpt.close()
+      writer.close()
       return {"stopped_by_callback_at_epoch": epoch}
     epoch += 1
     progress.update(epoch, extra=f"loss {float(loss):.3f} val "
@@ -276,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         "epoch": jnp.int32(epoch),
                         "dropout_key": state["dropout_key"], "best": best})
   ckpt.close()
+  writer.close()
   train_seconds = time.perf_counter() - t_start
   if max_epochs_this_call is not None and epoch < num_epochs \
       and not stopped_early:

@@ -271,12 +271,14 @@ def _run_seed(trainer, config, run_dir: pathlib.Path, report) -> Dict[str, Any]:
 
 
 def _train_trial(trainer, config, trial_dir: pathlib.Path,
-                 seeds_per_trial: int, trial: optuna.Trial) -> Dict[str, Any]:
+                 seeds_per_trial: int, trial: optuna.Trial,
+                 warmup_epochs: int = 0) -> Dict[str, Any]:
   """One trial's results; with several seeds, their means.
 
   Seed k reports its best validation accuracy so far at step
   ``k * num_epochs + epoch``, so the pruner compares a trial with the others
-  at the same seed and epoch.  Raises ``optuna.TrialPruned`` when told to.
+  at the same seed and epoch; no seed is pruned in its first
+  ``warmup_epochs`` epochs.  Raises ``optuna.TrialPruned`` when told to.
   """
   num_epochs = int(config.num_epochs)
   per_seed = []
@@ -287,7 +289,7 @@ def _train_trial(trainer, config, trial_dir: pathlib.Path,
 
     def report(epoch, best_val_acc, k=k):
       trial.report(float(best_val_acc), k * num_epochs + int(epoch))
-      return trial.should_prune()
+      return int(epoch) >= warmup_epochs and trial.should_prune()
 
     results = _run_seed(trainer, seed_config, run_dir, report)
     if "stopped_by_callback_at_epoch" in results:
@@ -308,8 +310,7 @@ def _study_settings(config, space, sampler, sweep_seed, seeds_per_trial,
   """What a resumed sweep must share with the stored study."""
   return {"space": space, "sampler": sampler, "sweep_seed": sweep_seed,
           "seeds_per_trial": seeds_per_trial, "pruner": pruner_name,
-          "config": json.loads(json.dumps(common._jsonable(  # pylint: disable=protected-access
-              common.config_to_dict(config))))}
+          "config": json.loads(json.dumps(common.config_to_dict(config)))}
 
 
 def load_study(workdir: os.PathLike) -> optuna.Study:
@@ -404,12 +405,13 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
     common.write_json(trial_dir / "overrides.json", overrides)
     try:
       results = _train_trial(trainer, apply_overrides(config, overrides),
-                             trial_dir, seeds_per_trial, trial)
+                             trial_dir, seeds_per_trial, trial,
+                             pruner_warmup_epochs)
     except optuna.TrialPruned:
       study.tell(trial, state=TrialState.PRUNED)
       if verbose:
-        print(f"trial {trial.number}: pruned at {trial.user_attrs.get('pruned_at')}",
-              flush=True)
+        print(f"trial {trial.number}: pruned at "
+              f"{trial.user_attrs.get('pruned_at')}", flush=True)
       continue
     for key in ("test_acc", "best_epoch", "act_mse", "val_acc_per_seed"):
       trial.set_user_attr(key, results[key])

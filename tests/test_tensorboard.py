@@ -86,3 +86,22 @@ def test_writing_summaries_does_not_import_torch(tmp_path):
           " w.close(); assert 'torch' not in sys.modules, 'torch imported'")
   subprocess.run([sys.executable, "-c", code], check=True)
   assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_image_classification_run_logs_images_per_second_and_alpha(
+    tmp_path):
+  from tests.test_classify import tiny_config, tiny_dataset  # pylint: disable=import-outside-toplevel
+  from train import classify  # pylint: disable=import-outside-toplevel
+  config = tiny_config(model="resnet8", precision="4w4a")
+  config.num_epochs = 1
+  classify.train_and_evaluate(config, str(tmp_path), verbose=False,
+                              dataset=tiny_dataset())
+  scalars = _scalars(tmp_path)
+  train_lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").open()
+                 if "train_loss" in json.loads(l)]
+  assert train_lines and all(r["images_per_second"] > 0 for r in train_lines)
+  for tag in ("train_loss", "images_per_second", "act_bits", "alpha_act_mean",
+              "alpha_weight_max", "lr"):
+    assert scalars[tag] == {r["step"]: np.float32(r[tag])
+                            for r in train_lines}, tag
+  assert "val_acc" in scalars and "best_val_score" in scalars

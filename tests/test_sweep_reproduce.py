@@ -111,6 +111,7 @@ def test_pruned_trials_stop_early_and_rank_last(data_dir, tmp_path):
   assert complete.value == max(e["val_acc"] for e in epochs)
   rows = (tmp_path / "sweep.md").read_text()
   assert "1 pruned" in rows and "pruned (seed 0, epoch 1)" in rows
+  assert "No importance plot" in rows  # one complete trial
   assert isinstance(sweep.make_pruner("median"), optuna.pruners.MedianPruner)
   with pytest.raises(ValueError, match="pruner must be one of"):
     sweep.make_pruner("hyperband")

@@ -470,6 +470,10 @@ def write_reports(study: optuna.Study, workdir: os.PathLike) -> Dict[str, Any]:
   n_pruned = len(rows) - len(complete)
   sampler = {"tpe": "Optuna TPE", "random": "Optuna random"}[
       settings["sampler"]]
+  importance = ("Parameter importances (fANOVA): `param_importance.png`."
+                if plot_importance(study, workdir / "param_importance.png")
+                else "No importance plot: fewer than two complete trials with "
+                "different values.")
   _write_text_atomic(workdir / "sweep.md",
       f"{sampler} search, {len(rows)} trials ({space!r} space, sweep seed "
       f"{settings['sweep_seed']}, pruner {settings['pruner']}"
@@ -478,8 +482,8 @@ def write_reports(study: optuna.Study, workdir: os.PathLike) -> Dict[str, Any]:
       + (f" (mean of {seeds} seeds per trial; accuracies and best "
          f"epoch below are means / the median over them)"
          if seeds > 1 else "") + "; test accuracy at the selected epoch "
-      "shown, never used to choose.  Study: `" + STUDY_FILE + "`.\n\n"
-      + table)
+      "shown, never used to choose.  Study: `" + STUDY_FILE + "`.  "
+      + importance + "\n\n" + table)
   _write_text_atomic(workdir / "sweep.jsonl",
                      "".join(json.dumps(r) + "\n" for r in rows))
   best = complete[0]
@@ -491,7 +495,6 @@ def write_reports(study: optuna.Study, workdir: os.PathLike) -> Dict[str, Any]:
                      "sampler": settings["sampler"], "space": space,
                      "sweep_seed": settings["sweep_seed"],
                      "pruner": settings["pruner"]})
-  plot_importance(study, workdir / "param_importance.png")
   return best
 
 

@@ -111,7 +111,7 @@ def build_jax_model(name: str, quantized: bool):
       raise ValueError("the PyTorch side implements the practical stable form")
     kind = "stable"
   elif isinstance(model, resnet_lib.ResNet):
-    if model.tv_activation:
+    if model.switches.tv_activation:
       raise ValueError("the PyTorch side has no TV activations")
     kind = "resnet"
   else:

@@ -19,6 +19,9 @@ from pdeq_jax import operators
 from pdeq_jax import quant
 from pdeq_jax.models import mobilenetv2
 from pdeq_jax.models import stable_resnet
+from pdeq_jax.models.switches import ModelSwitches
+
+NO_QUANT = ModelSwitches(quantize_weights=False, quantize_activations=False)
 
 CNN_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
              "resnet18", "resnet34", "stable_resnet20", "stable_resnet56",
@@ -193,8 +196,7 @@ def _clean_block(h=0.1, **kw):
   """Plain Eq. 15 with a fixed h (no norm-tied step)."""
   kw.setdefault("max_h_norm_sq", None)
   return stable_resnet.StableBlock(4, h=h, clean_form=True, act=jnp.tanh,
-                                   act_signed=True, quantize_weights=False,
-                                   quantize_activations=False, **kw)
+                                   act_signed=True, switches=NO_QUANT, **kw)
 
 
 def test_clean_stable_block_is_eq6_with_the_transposed_convolution():
@@ -315,7 +317,7 @@ def test_stable_mobilenet_block_is_eq22():
   x = jax.random.normal(jax.random.PRNGKey(4), (1, 4, 4, 3))
   block = mobilenetv2.StableInvertedResidual(
       3, expansion=2, h=0.2, clean_form=True, act=jnp.tanh,
-      quantize_weights=False, quantize_activations=False)
+      switches=NO_QUANT)
   variables = block.init(_key(4), x)
   p = variables["params"]
   assert p["kernel_1x1"].shape == (1, 1, 3, 6)

@@ -6,6 +6,7 @@ stage, a few channels) on 32x32 inputs.  The comparison against a PyTorch
 ResNet (written here with ``torch.nn``) needs ``torch`` (CPU), which the
 ``test`` extra installs: it fails, rather than skips, without it.
 """
+import dataclasses
 import sys
 
 import chex
@@ -22,12 +23,14 @@ from pdeq_jax import segmentation
 from pdeq_jax import torchvision_import as tvi
 from pdeq_jax.models import deeplabv3
 from pdeq_jax.models import resnet50
+from pdeq_jax.models.switches import ModelSwitches
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), widths=(4, 4, 8, 8), stem_features=8)
 TINY_DEEPLAB = dict(backbone_stage_sizes=(1, 1, 1, 1),
                     backbone_widths=(4, 4, 8, 8), stem_features=8,
                     aspp_features=8)
-NO_QUANT = dict(quantize_weights=False, quantize_activations=False)
+NO_QUANT = dict(switches=ModelSwitches(quantize_weights=False,
+                                       quantize_activations=False))
 _X64 = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
 
 
@@ -261,7 +264,8 @@ def test_conv_matches_pytorch_layout_reference():
 @pytest.fixture(scope="module")
 def tiny_resnet():
   """A reduced ResNet with TV activations, its variables, a jitted forward."""
-  model = resnet50.BottleneckResNet(10, tv_activation=True, **TINY)
+  model = resnet50.BottleneckResNet(
+      10, switches=ModelSwitches(tv_activation=True), **TINY)
   x = _images(32)
   variables = jax.jit(model.init)(_key(1), x)
   forward = jax.jit(lambda v, x, bits: model.apply(v, x, bits,
@@ -293,7 +297,8 @@ def test_tiny_resnet_forward_batch_stats_and_bits(tiny_resnet):
 def test_tiny_resnet_tv_forms_run(tiny_resnet):
   model, variables, x, forward = tiny_resnet
   assert _num_leaves_named(variables["params"], "rho") == 4 * 3
-  sign = jax.jit(model.clone(tv_sign_form=True).apply)
+  sign = jax.jit(model.clone(switches=dataclasses.replace(
+      model.switches, tv_sign_form=True)).apply)
   logits = sign(variables, x, layers.QuantBits.make(4, 4))
   chex.assert_shape(logits, (2, 10))
   chex.assert_tree_all_finite(logits)
@@ -312,8 +317,9 @@ def test_tiny_resnet_tv_forms_run(tiny_resnet):
 @pytest.fixture(scope="module")
 def tiny_deeplab():
   """A reduced DeepLabV3 (TV, quantized) and its variables."""
-  model = deeplabv3.DeepLabV3(5, tv_activation=True, tv_gamma_init=0.05,
-                              **TINY_DEEPLAB)
+  model = deeplabv3.DeepLabV3(
+      5, switches=ModelSwitches(tv_activation=True, tv_gamma_init=0.05),
+      **TINY_DEEPLAB)
   variables = jax.jit(model.init)(_key(3), _images(32))
   return model, variables
 

@@ -2,9 +2,11 @@
 import json
 
 import numpy as np
+import optuna
 import pytest
 
 from configs import pde_gcn as gcn_configs
+from train import node_classify
 from train import reproduce
 from train import sweep
 
@@ -19,21 +21,42 @@ def _tiny_config(data_dir, arg: str, num_epochs: int):
   return config
 
 
+def _row_dir(tmp_path, row):
+  return tmp_path / row["trial_dir"]
+
+
 def test_sweep_selects_on_validation_and_writes_outputs(data_dir, tmp_path):
   config = _tiny_config(data_dir, "cora,sym,4w4a", num_epochs=5)
   best = sweep.run_sweep(config, str(tmp_path), trials=2, space="gcn_quant",
-                         verbose=False)
+                         verbose=False, sampler="random")
   rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
   assert len(rows) == 2
   assert best["val_acc"] == max(r["val_acc"] for r in rows)
   winner = json.loads((tmp_path / "best_config.json").read_text())
-  assert winner["trial"] == best["trial"]
+  assert winner["trial"] == best["trial"] and winner["sampler"] == "random"
   assert set(winner["overrides"]) == set(sweep.SPACES["gcn_quant"])
-  assert "val acc" in (tmp_path / "sweep.md").read_text()
+  assert (tmp_path / "sweep.md").read_text().startswith(
+      "Optuna random search, 2 trials")
+  # the study: objective = validation accuracy, test accuracy an attribute
+  study = sweep.load_study(tmp_path)
+  for t in study.trials:
+    results = json.loads((tmp_path / t.user_attrs["trial_dir"]
+                          / "results.json").read_text())
+    assert t.value == results["val_acc"]
+    assert t.user_attrs["test_acc"] == results["test_acc"]
+    overrides = json.loads((tmp_path / t.user_attrs["trial_dir"]
+                            / "overrides.json").read_text())
+    assert overrides == t.params
   # a resumed sweep reads finished trials back instead of re-training
+  mtime = (tmp_path / rows[0]["trial_dir"] / "results.json").stat().st_mtime
   again = sweep.run_sweep(config, str(tmp_path), trials=2, space="gcn_quant",
-                          verbose=False)
-  assert again == best
+                          verbose=False, sampler="random")
+  assert again == best and len(sweep.load_study(tmp_path).trials) == 2
+  assert (tmp_path / rows[0]["trial_dir"] / "results.json").stat(
+      ).st_mtime == mtime
+  with pytest.raises(ValueError, match=r"other settings \(\['sampler'\]\)"):
+    sweep.run_sweep(config, str(tmp_path), trials=2, space="gcn_quant",
+                    verbose=False, sampler="tpe")
 
 
 def test_sweep_with_several_seeds_ranks_trials_by_their_mean(data_dir,
@@ -43,19 +66,90 @@ def test_sweep_with_several_seeds_ranks_trials_by_their_mean(data_dir,
                          verbose=False, seeds_per_trial=2)
   rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
   for row in rows:
-    trial_dir = tmp_path / f"trial_{row['trial']:03d}"
-    per_seed = [json.loads((trial_dir / f"seed{k}" / "results.json")
-                           .read_text()) for k in (0, 1)]
+    per_seed = [json.loads((_row_dir(tmp_path, row) / f"seed{k}"
+                            / "results.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in per_seed] == [0, 1]
     assert row["val_acc"] == pytest.approx(
         np.mean([r["val_acc"] for r in per_seed]))
   assert best["val_acc"] == max(r["val_acc"] for r in rows)
   winner = json.loads((tmp_path / "best_config.json").read_text())
-  assert winner["seeds_per_trial"] == 2
+  assert winner["seeds_per_trial"] == 2 and winner["sampler"] == "tpe"
   assert "mean of 2 seeds" in (tmp_path / "sweep.md").read_text()
   with pytest.raises(ValueError, match="seeds_per_trial must be >= 1"):
     sweep.run_sweep(config, str(tmp_path), trials=1, space="dropout",
                     seeds_per_trial=0)
+
+
+class _PruneTrial(optuna.pruners.BasePruner):
+  """Prunes one trial (by number) once it has reported ``after`` epochs."""
+
+  def __init__(self, number: int, after: int):
+    self.number, self.after = number, after
+
+  def prune(self, study, trial) -> bool:
+    return trial.number == self.number and len(
+        trial.intermediate_values) >= self.after
+
+
+def test_pruned_trials_stop_early_and_rank_last(data_dir, tmp_path):
+  config = _tiny_config(data_dir, "cora,sym,fp", num_epochs=4)
+  best = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
+                         verbose=False, pruner=_PruneTrial(0, after=2),
+                         pruner_warmup_epochs=1)
+  study = sweep.load_study(tmp_path)
+  pruned, complete = study.trials
+  assert pruned.state.name == "PRUNED" and complete.state.name == "COMPLETE"
+  assert pruned.user_attrs["pruned_at"] == {"seed": 0, "epoch": 1}
+  assert not (tmp_path / "trial_000" / "results.json").exists()
+  assert best["trial"] == 1
+  # the trial reports its best validation accuracy so far after each epoch
+  epochs = [json.loads(l) for l in
+            (tmp_path / "trial_001" / "metrics.jsonl").open()]
+  assert complete.intermediate_values == {
+      e["epoch"]: max(x["val_acc"] for x in epochs[:i + 1])
+      for i, e in enumerate(epochs)}
+  assert complete.value == max(e["val_acc"] for e in epochs)
+  rows = (tmp_path / "sweep.md").read_text()
+  assert "1 pruned" in rows and "pruned (seed 0, epoch 1)" in rows
+  assert "No importance plot" in rows  # one complete trial
+  assert isinstance(sweep.make_pruner("median"), optuna.pruners.MedianPruner)
+  with pytest.raises(ValueError, match="pruner must be one of"):
+    sweep.make_pruner("hyperband")
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")
+
+
+def test_killed_sweep_resumes_the_running_trial_and_proposes_the_same(
+    data_dir, tmp_path, monkeypatch):
+  config = _tiny_config(data_dir, "cora,sym,fp", num_epochs=4)
+  kwargs = dict(trials=3, space="dropout", verbose=False, sampler="tpe",
+                tpe_startup_trials=1)
+  reference = sweep.run_sweep(config, str(tmp_path / "ref"), **kwargs)
+  train = node_classify.train_and_evaluate
+
+  def killed_in_trial_1(config, workdir, **kw):
+    if workdir.endswith("trial_001"):
+      train(config, workdir, max_epochs_this_call=2, **kw)
+      raise KeyboardInterrupt
+    return train(config, workdir, **kw)
+
+  monkeypatch.setattr(node_classify, "train_and_evaluate", killed_in_trial_1)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(config, str(tmp_path / "killed"), **kwargs)
+  monkeypatch.setattr(node_classify, "train_and_evaluate", train)
+  resumed = sweep.run_sweep(config, str(tmp_path / "killed"), **kwargs)
+  study = sweep.load_study(tmp_path / "killed")
+  assert [t.state.name for t in study.trials] == [
+      "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+  # the killed trial ran again in its directory, from its checkpoint
+  assert study.trials[2].user_attrs["trial_dir"] == "trial_001"
+  assert not (tmp_path / "killed" / "trial_002").exists()
+  ref_study = sweep.load_study(tmp_path / "ref")
+  assert [t.params for t in ref_study.trials] == [
+      t.params for t in study.trials if t.state.name == "COMPLETE"]
+  assert [t.value for t in ref_study.trials] == [
+      t.value for t in study.trials if t.state.name == "COMPLETE"]
+  assert resumed["val_acc"] == reference["val_acc"]
 
 
 def test_reproduce_table7_writes_a_markdown_table(data_dir, tmp_path,
@@ -76,10 +170,10 @@ def test_reproduce_table7_writes_a_markdown_table(data_dir, tmp_path,
 
 def test_every_search_space_names_config_keys_and_stays_in_bounds():
   config = gcn_configs.get_config("cora,sym,4w8a")
-  rng = np.random.default_rng(0)
+  study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
   for space in sweep.SPACES:
     for _ in range(20):
-      overrides = sweep.sample_overrides(space, rng, config)
+      overrides = sweep.suggest_overrides(space, study.ask(), config)
       assert set(overrides) == set(sweep.SPACES[space])
       assert all(v > 0 for v in overrides.values())
       applied = sweep.apply_overrides(config, overrides)
@@ -87,83 +181,18 @@ def test_every_search_space_names_config_keys_and_stays_in_bounds():
         section, key = dotted.split(".")
         assert applied[section][key] == pytest.approx(value)
   for _ in range(20):
-    local = sweep.sample_overrides("local", rng, config)
+    local = sweep.suggest_overrides("local", study.ask(), config)
     assert 0.5 <= local["model.h"] / config.model.h <= 2.0
     assert 1 / 3 <= local["optim.weight_decay"] / config.optim.weight_decay <= 3
+  for _ in range(20):
+    gcn = sweep.suggest_overrides("gcn", study.ask())
+    assert 0.1 <= gcn["model.h"] <= 2.0 and 1e-3 <= gcn["optim.lr"] <= 7e-2
   with pytest.raises(ValueError, match="pass base_config"):
-    sweep.sample_overrides("local", rng)
+    sweep.suggest_overrides("local", study.ask())
   with pytest.raises(ValueError, match="--space must be one of"):
-    sweep.sample_overrides("no_such_space", rng)
+    sweep.suggest_overrides("no_such_space", study.ask())
   with pytest.raises(ValueError, match="names no config key"):
     sweep.apply_overrides(config, {"model.no_such_key": 1.0})
-
-
-def _quadratic_score(overrides):
-  """A smooth objective with its peak inside the 'gcn' space."""
-  return -(np.log(overrides["model.h"] / 0.5) ** 2
-           + np.log(overrides["optim.lr"] / 0.02) ** 2
-           + 0.5 * np.log(overrides["optim.weight_decay"] / 1e-4) ** 2)
-
-
-def _best_of_search(sampler, seed, trials=30):
-  rng = np.random.default_rng(seed)
-  history = []
-  for _ in range(trials):
-    if sampler == "tpe":
-      overrides = sweep.propose_tpe("gcn", history, rng)
-    else:
-      overrides = sweep.sample_overrides("gcn", rng)
-    history.append((overrides, _quadratic_score(overrides)))
-  return max(score for _, score in history), history
-
-
-def test_tpe_starts_random_stays_in_bounds_and_beats_random_search():
-  seeds = range(16)
-  tpe = [_best_of_search("tpe", s) for s in seeds]
-  random = [_best_of_search("random", s) for s in seeds]
-  # the first TPE_STARTUP_TRIALS proposals are exactly the random draws
-  startup = sweep.TPE_STARTUP_TRIALS
-  assert ([o for o, _ in tpe[0][1][:startup]]
-          == [o for o, _ in random[0][1][:startup]])
-  for _, history in tpe:
-    for overrides, _ in history:
-      for key, value in overrides.items():
-        unit = sweep.SPACES["gcn"][key].to_unit(value)
-        assert -1e-9 <= unit <= 1 + 1e-9, (key, value)
-  # same budget, same seeds: TPE's best trial is better on average
-  assert np.mean([b for b, _ in tpe]) > np.mean([b for b, _ in random]) + 0.1
-  # and it is deterministic given the history (what a resumed sweep relies on)
-  again = _best_of_search("tpe", 0)
-  assert again[1] == tpe[0][1]
-
-
-def test_tpe_works_in_spaces_relative_to_the_base_config():
-  config = gcn_configs.get_config("cora,sym,fp")
-  rng = np.random.default_rng(1)
-  history = []
-  for i in range(sweep.TPE_STARTUP_TRIALS + 4):
-    overrides = sweep.propose_tpe("local", history, rng, config)
-    assert 0.5 - 1e-9 <= overrides["model.h"] / config.model.h <= 2 + 1e-9
-    history.append((overrides, -abs(np.log(overrides["model.h"]))))
-  unit = sweep.SPACES["local"]["model.h"]
-  assert unit.from_unit(unit.to_unit(0.3, 0.2), 0.2) == pytest.approx(0.3)
-
-
-def test_tpe_sweep_on_cora_records_the_sampler(data_dir, tmp_path,
-                                               monkeypatch):
-  monkeypatch.setattr(sweep, "TPE_STARTUP_TRIALS", 1)
-  config = _tiny_config(data_dir, "cora,sym,fp", num_epochs=2)
-  best = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
-                         verbose=False, sampler="tpe")
-  winner = json.loads((tmp_path / "best_config.json").read_text())
-  assert winner["sampler"] == "tpe" and winner["trial"] == best["trial"]
-  assert (tmp_path / "sweep.md").read_text().startswith("TPE search, 2 trials")
-  # resuming proposes the same second trial from the stored first one
-  again = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
-                          verbose=False, sampler="tpe")
-  assert again == best
-  with pytest.raises(ValueError, match="sampler must be one of"):
-    sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")
 
 
 def test_error_bars_are_the_sample_std():
@@ -198,3 +227,15 @@ def test_run_or_load_reuses_results_only_for_the_same_config(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     common.run_or_load(trainer, config, tmp_path)
   assert calls == [0.1]
+
+
+def test_importance_plot_of_a_study(tmp_path):
+  study = optuna.create_study(direction="maximize",
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+  study.optimize(lambda t: -np.log(sweep.suggest_overrides("gcn", t)[
+      "model.h"] / 0.5) ** 2, n_trials=8)
+  assert sweep.plot_importance(study, tmp_path / "importance.png")
+  assert (tmp_path / "importance.png").stat().st_size > 1000
+  flat = optuna.create_study(direction="maximize")
+  flat.optimize(lambda t: 1.0 + 0 * t.suggest_float("x", 0, 1), n_trials=3)
+  assert not sweep.plot_importance(flat, tmp_path / "flat.png")

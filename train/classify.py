@@ -751,6 +751,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     common.check_runtime_bits(bits)
     batches = source.train_batches(batch_size, int(config.seed), epoch,
                                    start_batch)
+    t_log = time.perf_counter()  # images/s of the training steps only
     for images, labels in batches:
       state, metrics = train_step(state, *to_global((images, labels), mesh),
                                   bits, jax.random.fold_in(dropout_key, step))
@@ -759,12 +760,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
       if step % log_every == 0 or step % steps_per_epoch == 0:
         summary = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
                    for k in window[0]}
-        window = []
+        now = time.perf_counter()
+        images_per_second = len(window) * batch_size / max(now - t_log, 1e-9)
+        window, t_log = [], now
         stop(summary, step)  # every log_every_steps steps and epoch end
         writer.write(step=step, epoch=step / steps_per_epoch,
                      lr=float(lr_fn(step - 1)), weight_bits=int(bits.weights),
                      act_bits=int(bits.activations),
-                     **{f"train_{k}": v for k, v in summary.items()})
+                     images_per_second=images_per_second,
+                     **{f"train_{k}": v for k, v in summary.items()},
+                     **common.quantizer_stats(state.params))
         shown = " ".join(f"{k} {v:.3f}" for k, v in summary.items())
         progress.update(step, items_per_unit=batch_size, item_name="img",
                         extra=f"epoch {epoch + 1}/{num_epochs} {shown} bits "
@@ -809,6 +814,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     elif step >= stop_step:
       save(step)  # interrupted mid-epoch (max_steps_this_call)
   ckpt.close()
+  writer.close()
   train_seconds = time.perf_counter() - t_start
   if step < total_steps:
     return {"interrupted_at_step": step}

@@ -136,11 +136,14 @@ class MetricWriter:
   """Appends JSON lines to ``metrics.jsonl``; on resume drops stale lines.
 
   Lines logged after the checkpoint a run resumes from would be duplicated by
-  the resumed run, so ``truncate_after(step)`` removes them first.
+  the resumed run, so ``truncate_after(step)`` removes them first.  Every
+  line also goes to TensorBoard (:class:`TensorBoardWriter`, same directory).
   """
 
-  def __init__(self, workdir: os.PathLike, filename: str = "metrics.jsonl"):
+  def __init__(self, workdir: os.PathLike, filename: str = "metrics.jsonl",
+               tensorboard: bool = True):
     self.path = pathlib.Path(workdir) / filename
+    self.tensorboard = TensorBoardWriter(workdir) if tensorboard else None
 
   def truncate_after(self, step: int, key: str = "step") -> None:
     if not self.path.exists():
@@ -148,10 +151,18 @@ class MetricWriter:
     kept = [line for line in self.path.read_text().splitlines()
             if _parse_line(line).get(key, math.inf) <= step]
     write_text(self.path, "".join(line + "\n" for line in kept))
+    if self.tensorboard is not None:
+      self.tensorboard.purge_after(step)
 
   def write(self, **metrics: Any) -> None:
     with self.path.open("a") as f:
       f.write(json.dumps(_jsonable(metrics), sort_keys=True) + "\n")
+    if self.tensorboard is not None:
+      self.tensorboard.write(metrics)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
   def read(self) -> list:
     if not self.path.exists():
@@ -244,6 +255,95 @@ def _orbax_quiet():
     yield
   finally:
     logging.set_verbosity(verbosity)
+
+
+class TensorBoardWriter:
+  """Scalar summaries for TensorBoard (``tensorboard --logdir workdirs/``).
+
+  ``write(metrics)`` logs every numeric value of a metrics line at its
+  ``step`` (else its ``epoch``), through ``tensorboardX`` (no TensorFlow).
+  The event file is opened at the first write; after ``purge_after(step)``
+  (a resumed run) it starts with a purge marker, so TensorBoard drops the
+  earlier run's events past ``step``.
+  """
+
+  def __init__(self, logdir: os.PathLike, flush_secs: int = 10):
+    self.logdir = pathlib.Path(logdir)
+    self.flush_secs = flush_secs
+    self._writer = None
+    self._purge_step = None
+
+  def purge_after(self, step: int) -> None:
+    if self._writer is None:
+      self._purge_step = int(step) + 1
+
+  def write(self, metrics: Mapping[str, Any]) -> None:
+    step_key = "step" if "step" in metrics else "epoch"
+    step = int(metrics[step_key])
+    if self._writer is None:
+      # the suffix orders (and keeps apart) files opened in the same second
+      self._writer = _summary_writer_class()(
+          str(self.logdir), purge_step=self._purge_step,
+          flush_secs=self.flush_secs, filename_suffix=f".{time.time_ns()}")
+    for key, value in metrics.items():
+      if key == step_key or isinstance(value, (str, bool)):
+        continue
+      value = np.asarray(value)
+      if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        self._writer.add_scalar(key, float(value), step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def quantizer_stats(params: Any) -> Dict[str, float]:
+  """Mean, min and max of the learned clipping scales (activation and weight
+  quantizers' alpha apart) and of the TV steps gamma, for the logs."""
+  groups: Dict[str, list] = {"alpha_act": [], "alpha_weight": [],
+                             "tv_gamma": []}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [str(getattr(k, "key", k)) for k in path]
+    name, parent = names[-1], (names[-2] if len(names) > 1 else "")
+    if name.startswith("alpha"):
+      group = ("alpha_weight" if parent.startswith(("wq", "WeightQuant"))
+               else "alpha_act")
+      groups[group].append(np.ravel(layers.positive_alpha(leaf)))
+    elif name == "rho":  # TVActivation: gamma = gamma_max * sigmoid(rho)
+      groups["tv_gamma"].append(np.ravel(
+          layers.TVActivation.gamma_max * jax.nn.sigmoid(leaf)))
+  stats = {}
+  for group, values in groups.items():
+    if values:
+      values = np.concatenate(jax.device_get(values))
+      stats.update({f"{group}_mean": float(values.mean()),
+                    f"{group}_min": float(values.min()),
+                    f"{group}_max": float(values.max())})
+  return stats
+
+
+def _summary_writer_class():
+  """``tensorboardX.SummaryWriter``, imported without torch.
+
+  tensorboardX imports torch when it can (only to accept torch tensors,
+  which pdeq-jax never passes); that costs seconds and memory in every
+  trainer, so torch is hidden while tensorboardX is imported, unless the
+  process already imported it.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 class Checkpointer:

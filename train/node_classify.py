@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -211,11 +211,17 @@ def _to_host(tree):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, max_epochs_this_call: Optional[int] = None,
-                       verbose: bool = True) -> Dict[str, Any]:
+                       verbose: bool = True,
+                       epoch_callback: Optional[
+                           Callable[[int, Dict[str, float]], bool]] = None
+                       ) -> Dict[str, Any]:
   """Trains, selects on validation, evaluates; returns the results dict.
 
   ``max_epochs_this_call`` stops early (after checkpointing) to simulate a
-  crash in tests.
+  crash in tests.  ``epoch_callback(epoch, metrics)``, called after every
+  epoch with that epoch's metrics and ``best_val_acc`` (the best so far),
+  abandons the run when it returns True (a sweep's pruner): the result is
+  then ``{"stopped_by_callback_at_epoch": epoch}``.
   """
   validate.gcn(config)
   workdir = common.prepare_workdir(workdir, config)
@@ -272,7 +278,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "epoch": np.int32(epoch), "params": _to_host(params)}
     writer.write(epoch=epoch, loss=float(loss), act_bits=int(bits.activations),
                  weight_bits=int(bits.weights),
-                 **{k: float(v) for k, v in metrics.items()})
+                 **{k: float(v) for k, v in metrics.items()},
+                 **common.quantizer_stats(params))
+    if epoch_callback is not None and epoch_callback(
+        epoch, {**{k: float(v) for k, v in metrics.items()},
+                "best_val_acc": float(best["val_acc"])}):
+      ckpt.close()
+      writer.close()
+      return {"stopped_by_callback_at_epoch": epoch}
     epoch += 1
     progress.update(epoch, extra=f"loss {float(loss):.3f} val "
                     f"{metrics['val_acc']:.3f} best val {best['val_acc']:.3f}"
@@ -287,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         "epoch": jnp.int32(epoch),
                         "dropout_key": state["dropout_key"], "best": best})
   ckpt.close()
+  writer.close()
   train_seconds = time.perf_counter() - t_start
   if max_epochs_this_call is not None and epoch < num_epochs \
       and not stopped_early:

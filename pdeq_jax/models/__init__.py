@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Callable, Dict, Tuple
+
+from pdeq_jax.models.switches import ModelSwitches
 
 # name -> (module, factory attribute, fixed options)
 _CIFAR_WIDTHS = (16, 32, 64)
@@ -55,6 +58,9 @@ def names() -> list:
 def create(name: str, num_classes: int, **options):
   """Builds the Flax module registered as ``name``.
 
+  The CNNs' switches (``quantize_weights``, ``tv_activation``, ... see
+  :class:`ModelSwitches`) may be given flat, as in the configs.
+
   Raises:
     ValueError: unknown name (the message lists the known ones) or a bad
       ``num_classes``.
@@ -65,4 +71,8 @@ def create(name: str, num_classes: int, **options):
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   module, factory, fixed = _REGISTRY[name]
   cls: Callable = getattr(importlib.import_module(module), factory)
+  if "switches" in {f.name for f in dataclasses.fields(cls)}:
+    # the configs' flat switch names (tv_activation=...) -> one spec
+    switches, options = ModelSwitches.from_options(options)
+    options["switches"] = switches
   return cls(num_classes=int(num_classes), **fixed, **options)

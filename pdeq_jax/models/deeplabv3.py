@@ -49,7 +49,9 @@ from pdeq_jax import tv
 from pdeq_jax.models import resnet50
 from pdeq_jax.models.resnet import batch_norm
 from pdeq_jax.models.resnet import check_image_input
+from pdeq_jax.models.resnet import relu_or_tv
 from pdeq_jax.models.resnet import torch_default_init
+from pdeq_jax.models.switches import ModelSwitches
 
 Array = jax.Array
 Output = Union[Array, Tuple[Array, List[Array]]]
@@ -71,22 +73,17 @@ class ASPP(nn.Module):
   features: int = 256
   rates: Sequence[int] = ATROUS_RATES[8]
   dropout_rate: float = 0.5
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
                train: bool = False) -> Array:
     norm = batch_norm(train)
-    act = lambda name: resnet50.relu_or_tv(
-        self.tv_activation, self.tv_sign_form, name, self.tv_gamma_init)
+    act = lambda name: relu_or_tv(self.switches, name)
     conv = functools.partial(resnet50.Conv, self.features,
-                             quantize_weights=self.quantize_weights)
+                             quantize_weights=self.switches.quantize_weights)
     act_quant = functools.partial(layers.ActQuant, signed=False,
-                                  enabled=self.quantize_activations)
+                                  enabled=self.switches.quantize_activations)
     x = act_quant(name="aq_in")(x, bits.activations)
     branches = []
     for i, rate in enumerate((None,) + tuple(self.rates)):
@@ -111,27 +108,21 @@ class DeepLabHead(nn.Module):
   features: int = 256
   rates: Sequence[int] = ATROUS_RATES[8]
   dropout_rate: float = 0.5
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
                train: bool = False, return_hidden: bool = False):
     y = ASPP(self.features, self.rates, self.dropout_rate,
-             quantize_weights=self.quantize_weights,
-             quantize_activations=self.quantize_activations,
-             tv_activation=self.tv_activation, tv_sign_form=self.tv_sign_form,
-             tv_gamma_init=self.tv_gamma_init, name="aspp")(x, bits, train=train)
+             switches=self.switches, name="aspp")(x, bits, train=train)
     aspp_out = y
-    y = layers.ActQuant(signed=False, enabled=self.quantize_activations,
+    y = layers.ActQuant(signed=False,
+                        enabled=self.switches.quantize_activations,
                         name="aq")(y, bits.activations)
-    y = resnet50.Conv(self.features, 3, quantize_weights=self.quantize_weights,
+    y = resnet50.Conv(self.features, 3,
+                      quantize_weights=self.switches.quantize_weights,
                       name="conv")(y, bits.weights)
-    y = resnet50.relu_or_tv(self.tv_activation, self.tv_sign_form, "tv",
-                            self.tv_gamma_init)(batch_norm(train)(name="bn")(y))
+    y = relu_or_tv(self.switches, "tv")(batch_norm(train)(name="bn")(y))
     hidden = [aspp_out, y]
     logits = resnet50.Conv(self.num_classes, 1, use_bias=True,
                            quantize_weights=False,
@@ -152,10 +143,9 @@ class DeepLabV3(nn.Module):
     dropout_rate: dropout after the ASPP projection (0.5 in torchvision).
     backbone_stage_sizes / backbone_widths / stem_features: encoder shape
       (ResNet-50 by default; smaller for tests).
-    quantize_weights / quantize_activations: structure switches (the stem
-      convolution and the classifier stay float).
-    tv_activation / tv_sign_form: TV-smoothed ReLUs (Sec. 3).
-    tv_gamma_init: initial γ of every TV activation.
+    switches: quantizers (the stem convolution and the classifier stay
+      float) and TV-smoothed ReLUs (Sec. 3; ``tv_stem``: in the encoder's
+      stem too).
   """
   num_classes: int
   output_stride: int = 8
@@ -165,11 +155,7 @@ class DeepLabV3(nn.Module):
   backbone_stage_sizes: Sequence[int] = resnet50.RESNET50_STAGE_SIZES
   backbone_widths: Sequence[int] = resnet50.RESNET50_WIDTHS
   stem_features: int = 64
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -184,6 +170,7 @@ class DeepLabV3(nn.Module):
         output and the head's last feature map.
     """
     check_image_input(x)
+    self.switches.check_supported("DeepLabV3", ModelSwitches.names())
     if self.output_stride not in ATROUS_RATES:
       raise ValueError(f"output_stride must be one of {sorted(ATROUS_RATES)}, "
                        f"got {self.output_stride}")
@@ -193,22 +180,17 @@ class DeepLabV3(nn.Module):
                        f"{tuple(self.backbone_stage_sizes)}")
     rates = (ATROUS_RATES[self.output_stride] if self.atrous_rates is None
              else tuple(self.atrous_rates))
-    switches = dict(quantize_weights=self.quantize_weights,
-                    quantize_activations=self.quantize_activations,
-                    tv_activation=self.tv_activation,
-                    tv_sign_form=self.tv_sign_form,
-                    tv_gamma_init=self.tv_gamma_init)
     encoder = resnet50.BottleneckResNet(
         stage_sizes=self.backbone_stage_sizes, widths=self.backbone_widths,
         stem_features=self.stem_features,
         replace_stride_with_dilation=resnet50.dilation_for_output_stride(
             self.output_stride),
-        return_features=True, name="backbone", **switches)
+        return_features=True, switches=self.switches, name="backbone")
     features, hidden = encoder(x, bits, train=train, return_hidden=True)
     logits, head_hidden = DeepLabHead(
         self.num_classes, self.aspp_features, rates, self.dropout_rate,
-        name="head", **switches)(features["out"], bits, train=train,
-                                 return_hidden=True)
+        switches=self.switches, name="head")(features["out"], bits,
+                                             train=train, return_hidden=True)
     n, h, w, _ = x.shape
     logits = jax.image.resize(logits, (n, h, w, self.num_classes),
                               method="bilinear", antialias=False)

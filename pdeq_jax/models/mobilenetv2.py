@@ -48,6 +48,8 @@ from pdeq_jax import layers
 from pdeq_jax import operators
 from pdeq_jax.models import resnet
 from pdeq_jax.models import stable_resnet
+from pdeq_jax.models.switches import ModelSwitches
+from pdeq_jax.models.switches import QUANT_ONLY
 
 Array = jax.Array
 
@@ -65,14 +67,13 @@ class InvertedResidual(nn.Module):
     strides: stride of the depthwise convolution.
     expansion: ``t``; the hidden width is ``round(n_in * t)``.
     input_signed: signed quantizer for the block input.
-    quantize_weights / quantize_activations: structure switches.
+    switches: the quantizers (``quantize_*``; no TV switch here).
   """
   features: int
   strides: int = 1
   expansion: float = 6
   input_signed: bool = True
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -82,13 +83,13 @@ class InvertedResidual(nn.Module):
     hidden = int(round(n_in * self.expansion))
     norm = resnet.batch_norm(train)
     conv = functools.partial(layers.QuantConv, use_bias=False,
-                             quantize_weights=self.quantize_weights,
+                             quantize_weights=self.switches.quantize_weights,
                              kernel_init=resnet.conv_init)
     act_quant = functools.partial(layers.ActQuant, signed=False,
-                                  enabled=self.quantize_activations)
+                                  enabled=self.switches.quantize_activations)
     x = layers.ActQuant(signed=self.input_signed,
-                        enabled=self.quantize_activations, name="aq_in")(
-                            x, bits.activations)
+                        enabled=self.switches.quantize_activations,
+                        name="aq_in")(x, bits.activations)
     y = conv(hidden, 1, name="conv_expand")(x, bits.weights)
     y = act_quant(name="aq_expand")(nn.relu(norm(name="bn1")(y)),
                                     bits.activations)
@@ -120,7 +121,7 @@ class StableInvertedResidual(nn.Module):
     clean_form: plain Eq. 22 (no BatchNorm).
     act / act_signed: σ and whether its quantizer is signed.
     input_signed: signed quantizer for the block input.
-    quantize_weights / quantize_activations: structure switches.
+    switches: the quantizers (``quantize_*``; no TV switch here).
   """
   features: int
   pool: bool = False
@@ -130,8 +131,7 @@ class StableInvertedResidual(nn.Module):
   act: stable_resnet.Activation = nn.relu
   act_signed: bool = False
   input_signed: bool = True
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -142,17 +142,19 @@ class StableInvertedResidual(nn.Module):
         n_in, self.features, "StableInvertedResidual channel change", "features")
     hidden = int(round(n_in * self.expansion))
     x = layers.ActQuant(signed=self.input_signed,
-                        enabled=self.quantize_activations, name="aq_in")(
-                            x, bits.activations)
+                        enabled=self.switches.quantize_activations,
+                        name="aq_in")(x, bits.activations)
     k_1x1 = self.param("kernel_1x1", resnet.conv_init, (1, 1, n_in, hidden))
     k_dw = self.param("kernel_dw", resnet.conv_init, (3, 3, 1, hidden))
-    k_1x1 = layers.WeightQuant(enabled=self.quantize_weights, name="wq_1x1")(
+    k_1x1 = layers.WeightQuant(enabled=self.switches.quantize_weights,
+                               name="wq_1x1")(
         k_1x1, bits.weights)
-    k_dw = layers.WeightQuant(enabled=self.quantize_weights, name="wq_dw")(
+    k_dw = layers.WeightQuant(enabled=self.switches.quantize_weights,
+                              name="wq_dw")(
         k_dw, bits.weights)
     k_fn = lambda v: operators.separable_operator(v, k_1x1, k_dw)
     act_quant = layers.ActQuant(signed=self.act_signed,
-                                enabled=self.quantize_activations,
+                                enabled=self.switches.quantize_activations,
                                 name="aq_mid")
     if self.clean_form:
       y = stable_resnet.symmetric_residual(
@@ -181,8 +183,8 @@ class MobileNetV2(nn.Module):
     h, clean_form, act, act_signed: of the symmetric blocks.
     block_input_signed: signed quantizers for block inputs that do not
       follow a ReLU (False: clip at 0 as the authors' code does).
-    quantize_weights / quantize_activations: structure switches (stem,
-      closing convolution and classifier are float).
+    switches: the quantizers (stem, closing convolution and classifier are
+      float); no TV switch here.
   """
   num_classes: int
   stages: Sequence[Tuple[int, int, int, int]] = CIFAR_STAGES
@@ -195,8 +197,7 @@ class MobileNetV2(nn.Module):
   act: stable_resnet.Activation = nn.relu
   act_signed: bool = False
   block_input_signed: bool = True
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -204,8 +205,7 @@ class MobileNetV2(nn.Module):
                ) -> resnet.Output:
     """Logits ``[N, num_classes]`` (and every block's output if asked)."""
     resnet.check_image_input(x)
-    quant_flags = dict(quantize_weights=self.quantize_weights,
-                       quantize_activations=self.quantize_activations)
+    self.switches.check_supported("MobileNetV2", QUANT_ONLY)
     x = resnet.Stem(self.stem_features, name="stem")(x, train=train)
     hidden = []
     for s, (out, num_blocks, stride, t) in enumerate(self.stages):
@@ -218,11 +218,11 @@ class MobileNetV2(nn.Module):
               out, pool=first and stride == 2, expansion=t, h=self.h,
               clean_form=self.clean_form, act=self.act,
               act_signed=self.act_signed, input_signed=input_signed,
-              name=name, **quant_flags)
+              switches=self.switches, name=name)
         else:
           block = InvertedResidual(out, stride if first else 1, t,
-                                   input_signed=input_signed, name=name,
-                                   **quant_flags)
+                                   input_signed=input_signed,
+                                   switches=self.switches, name=name)
         x = block(x, bits, train=train)
         hidden.append(x)
     x = layers.QuantConv(self.closing_features, 1, quantize_weights=False,

@@ -26,7 +26,7 @@ factory, the kernel initialisers, the float stem and head.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,8 @@ import jax.numpy as jnp
 
 from pdeq_jax import layers
 from pdeq_jax import tv
+from pdeq_jax.models.switches import ModelSwitches
+from pdeq_jax.models.switches import QUANT_AND_TV
 
 Array = jax.Array
 Output = Union[Array, Tuple[Array, List[Array]]]
@@ -66,6 +68,16 @@ def check_image_input(x: Array, name: str = "x") -> None:
   if jnp.ndim(x) != 4:
     raise ValueError(f"{name} must be an NHWC image batch (rank 4), got shape "
                      f"{jnp.shape(x)}")
+
+
+def relu_or_tv(switches: ModelSwitches, name: str,
+               tv: Optional[bool] = None) -> Callable[[Array], Array]:
+  """``nn.relu``, or a named ``TVActivation`` (``relu(S(x))``, one γ) when
+  ``tv`` (default ``switches.tv_activation``)."""
+  if switches.tv_activation if tv is None else tv:
+    return layers.TVActivation(act=nn.relu, sign_form=switches.tv_sign_form,
+                               gamma_init=switches.tv_gamma_init, name=name)
+  return nn.relu
 
 
 class Stem(nn.Module):
@@ -101,44 +113,34 @@ class BasicBlock(nn.Module):
   Attributes:
     features: output channels.
     strides: 1, or 2 to halve the resolution (in K₁ and the shortcut).
-    quantize_weights / quantize_activations: structure switches.
+    switches: quantizers and TV activations (``relu(S(·))``, Eq. 14, for
+      both ReLUs when ``tv_activation``).
     input_signed: signed quantizer for the block input.
-    tv_activation: use ``relu(S(·))`` (TV smoothing, Eq. 14) for both ReLUs.
-    tv_sign_form: the TV activations' sign-only inference form.
-    tv_gamma_init: initial γ of the TV activations (small when TV layers are
-      inserted into a trained network).
   """
   features: int
   strides: int = 1
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
   input_signed: bool = False
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
                train: bool = False) -> Array:
     norm = batch_norm(train)
-    act = lambda name: (layers.TVActivation(act=nn.relu,
-                                            sign_form=self.tv_sign_form,
-                                            gamma_init=self.tv_gamma_init,
-                                            name=name)
-                        if self.tv_activation else nn.relu)
+    act = lambda name: relu_or_tv(self.switches, name)
     conv = functools.partial(layers.QuantConv, use_bias=False,
-                             quantize_weights=self.quantize_weights,
+                             quantize_weights=self.switches.quantize_weights,
                              kernel_init=conv_init)
     x = layers.ActQuant(signed=self.input_signed,
-                        enabled=self.quantize_activations, name="aq_in")(
-                            x, bits.activations)
+                        enabled=self.switches.quantize_activations,
+                        name="aq_in")(x, bits.activations)
     # padding 1 on both sides, as PyTorch (XLA's "SAME" pads a stride-2
     # 3x3 convolution only at the bottom/right).
     y = conv(self.features, 3, strides=self.strides, padding=((1, 1), (1, 1)),
              name="conv1")(
         x, bits.weights)
     y = act("tv1")(norm(name="bn1")(y))
-    y = layers.ActQuant(signed=False, enabled=self.quantize_activations,
+    y = layers.ActQuant(signed=False,
+                        enabled=self.switches.quantize_activations,
                         name="aq_mid")(y, bits.activations)
     y = conv(self.features, 3, name="conv2")(y, bits.weights)
     y = norm(name="bn2")(y)
@@ -159,19 +161,14 @@ class ResNet(nn.Module):
     widths: channels per stage, e.g. ``(16, 32, 64)``; the stem has
       ``widths[0]`` channels and every stage after the first halves the
       resolution in its first block.
-    quantize_weights / quantize_activations: structure switches (the first
-      convolution and the classifier are always float).
-    tv_activation / tv_sign_form: TV-smoothed ReLUs in the blocks (Sec. 3).
-    tv_gamma_init: initial γ of every TV activation.
+    switches: quantizers (the first convolution and the classifier are
+      always float) and TV-smoothed ReLUs in the blocks (Sec. 3); no
+      ``tv_stem``.
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 3, 3)
   widths: Sequence[int] = (16, 32, 64)
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -185,6 +182,7 @@ class ResNet(nn.Module):
       return_hidden: also return the list of every block's output.
     """
     check_image_input(x)
+    self.switches.check_supported("ResNet", QUANT_AND_TV)
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must have the same length")
@@ -194,12 +192,7 @@ class ResNet(nn.Module):
                                                 self.widths)):
       for b in range(num_blocks):
         strides = 2 if s > 0 and b == 0 else 1
-        x = BasicBlock(width, strides,
-                       quantize_weights=self.quantize_weights,
-                       quantize_activations=self.quantize_activations,
-                       tv_activation=self.tv_activation,
-                       tv_sign_form=self.tv_sign_form,
-                       tv_gamma_init=self.tv_gamma_init,
+        x = BasicBlock(width, strides, switches=self.switches,
                        name=f"stage{s + 1}_block{b + 1}")(x, bits, train=train)
         hidden.append(x)
     logits = Head(self.num_classes, name="head")(x)

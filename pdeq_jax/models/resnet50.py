@@ -49,6 +49,8 @@ from pdeq_jax.models.resnet import Head
 from pdeq_jax.models.resnet import batch_norm
 from pdeq_jax.models.resnet import check_image_input
 from pdeq_jax.models.resnet import conv_init
+from pdeq_jax.models.resnet import relu_or_tv
+from pdeq_jax.models.switches import ModelSwitches
 
 Array = jax.Array
 Features = Dict[str, Array]
@@ -102,30 +104,18 @@ class Conv(nn.Module):
     return y
 
 
-def relu_or_tv(tv_activation: bool, tv_sign_form: bool, name: str,
-               gamma_init: float = tv.NON_EXPANSIVE_GAMMA
-               ) -> Callable[[Array], Array]:
-  """``nn.relu``, or a named ``TVActivation`` (``relu(S(x))``, one γ)."""
-  if tv_activation:
-    return layers.TVActivation(act=nn.relu, sign_form=tv_sign_form,
-                               gamma_init=gamma_init, name=name)
-  return nn.relu
-
-
 class ImageNetStem(nn.Module):
-  """Float 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max pool (never quantized)."""
+  """Float 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max pool (never quantized);
+  the ReLU is TV-smoothed with ``switches.tv_stem``."""
   features: int = 64
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     x = Conv(self.features, 7, strides=2, quantize_weights=False,
              name="conv")(x)
     x = batch_norm(train)(name="bn")(x)
-    x = relu_or_tv(self.tv_activation, self.tv_sign_form, "tv",
-                   self.tv_gamma_init)(x)
+    x = relu_or_tv(self.switches, "tv", tv=self.switches.tv_stem)(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -142,30 +132,23 @@ class Bottleneck(nn.Module):
     width: bottleneck width (output channels are ``EXPANSION * width``).
     strides: 1, or 2 to halve the resolution (in K₂ and the shortcut).
     dilation: dilation of K₂ (atrous encoder).
-    quantize_weights / quantize_activations: structure switches.
-    tv_activation / tv_sign_form: ``relu(S(·))`` for the three ReLUs
-      (``tv1``, ``tv2``, ``tv3``).
-    tv_gamma_init: initial γ of the TV activations (small when TV layers are
-      inserted into a trained network).
+    switches: quantizers, and ``relu(S(·))`` for the three ReLUs (``tv1``,
+      ``tv2``, ``tv3``) when ``tv_activation``.
   """
   width: int
   strides: int = 1
   dilation: int = 1
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
                train: bool = False) -> Array:
     norm = batch_norm(train)
-    act = lambda name: relu_or_tv(self.tv_activation, self.tv_sign_form, name,
-                                  self.tv_gamma_init)
-    conv = functools.partial(Conv, quantize_weights=self.quantize_weights)
+    act = lambda name: relu_or_tv(self.switches, name)
+    conv = functools.partial(Conv,
+                             quantize_weights=self.switches.quantize_weights)
     act_quant = functools.partial(layers.ActQuant, signed=False,
-                                  enabled=self.quantize_activations)
+                                  enabled=self.switches.quantize_activations)
     out_features = EXPANSION * self.width
     x = act_quant(name="aq_in")(x, bits.activations)
     y = conv(self.width, 1, name="conv1")(x, bits.weights)
@@ -202,11 +185,9 @@ class BottleneckResNet(nn.Module):
       ``True`` replaces that stage's stride 2 by dilation (torchvision).
     return_features: return ``{"low_level": stage-1 output, "out": last
       stage output}`` instead of logits (no classifier is built).
-    quantize_weights / quantize_activations: structure switches (the stem
-      convolution and the classifier are always float).
-    tv_activation / tv_sign_form: TV-smoothed ReLUs in the blocks (Sec. 3).
-    tv_stem: a TV-smoothed ReLU in the stem too.
-    tv_gamma_init: initial γ of every TV activation.
+    switches: quantizers (the stem convolution and the classifier are
+      always float), TV-smoothed ReLUs in the blocks (Sec. 3) and, with
+      ``tv_stem``, in the stem.
   """
   num_classes: int = 1000
   stage_sizes: Sequence[int] = RESNET50_STAGE_SIZES
@@ -214,12 +195,7 @@ class BottleneckResNet(nn.Module):
   stem_features: int = 64
   replace_stride_with_dilation: Sequence[bool] = (False, False, False)
   return_features: bool = False
-  quantize_weights: bool = True
-  quantize_activations: bool = True
-  tv_activation: bool = False
-  tv_sign_form: bool = False
-  tv_stem: bool = False
-  tv_gamma_init: float = tv.NON_EXPANSIVE_GAMMA
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -233,6 +209,7 @@ class BottleneckResNet(nn.Module):
       return_hidden: also return the list of every block's output.
     """
     check_image_input(x)
+    self.switches.check_supported("BottleneckResNet", ModelSwitches.names())
     if len(self.stage_sizes) != len(self.widths) or not self.stage_sizes:
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must be non-empty and have the "
@@ -242,10 +219,8 @@ class BottleneckResNet(nn.Module):
       raise ValueError(f"replace_stride_with_dilation needs one flag per stage "
                        f"after the first ({len(self.stage_sizes) - 1}), got "
                        f"{dilate}")
-    x = ImageNetStem(self.stem_features, tv_activation=self.tv_stem,
-                     tv_sign_form=self.tv_sign_form,
-                     tv_gamma_init=self.tv_gamma_init, name="stem")(
-                         x, train=train)
+    x = ImageNetStem(self.stem_features, switches=self.switches,
+                     name="stem")(x, train=train)
     hidden, low_level, dilation = [], None, 1
     for s, (num_blocks, width) in enumerate(zip(self.stage_sizes,
                                                 self.widths)):
@@ -255,11 +230,7 @@ class BottleneckResNet(nn.Module):
       for b in range(num_blocks):
         x = Bottleneck(width, strides if b == 0 else 1,
                        dilation=previous_dilation if b == 0 else dilation,
-                       quantize_weights=self.quantize_weights,
-                       quantize_activations=self.quantize_activations,
-                       tv_activation=self.tv_activation,
-                       tv_sign_form=self.tv_sign_form,
-                       tv_gamma_init=self.tv_gamma_init,
+                       switches=self.switches,
                        name=f"stage{s + 1}_block{b + 1}")(x, bits, train=train)
         hidden.append(x)
       if s == 0:

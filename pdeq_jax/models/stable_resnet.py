@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from pdeq_jax import layers
 from pdeq_jax import operators
 from pdeq_jax.models import resnet
+from pdeq_jax.models.switches import ModelSwitches
+from pdeq_jax.models.switches import QUANT_ONLY
 
 Array = jax.Array
 LinearFn = Callable[[Array], Array]
@@ -108,7 +110,7 @@ class StableBlock(nn.Module):
     act: σ (ReLU; tanh etc. for analysis).
     act_signed: σ can be negative (tanh): quantize its output signed.
     input_signed: the block input is quantized on a signed grid.
-    quantize_weights / quantize_activations: structure switches.
+    switches: the quantizers (``quantize_*``; no TV switch here).
   """
   features: int
   pool: bool = False
@@ -119,8 +121,7 @@ class StableBlock(nn.Module):
   act: Activation = nn.relu
   act_signed: bool = False
   input_signed: bool = False
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -130,14 +131,14 @@ class StableBlock(nn.Module):
     operators.check_channel_growth(
         n_in, self.features, "StableBlock channel change", "features")
     x = layers.ActQuant(signed=self.input_signed,
-                        enabled=self.quantize_activations, name="aq_in")(
-                            x, bits.activations)
+                        enabled=self.switches.quantize_activations,
+                        name="aq_in")(x, bits.activations)
     kernel = self.param("kernel", resnet.conv_init, (3, 3, n_in, n_in))
-    kernel = layers.WeightQuant(enabled=self.quantize_weights, name="wq")(
-        kernel, bits.weights)
+    kernel = layers.WeightQuant(enabled=self.switches.quantize_weights,
+                                name="wq")(kernel, bits.weights)
     k_fn = lambda v: operators.conv(v, kernel)
     act_quant = layers.ActQuant(signed=self.act_signed,
-                                enabled=self.quantize_activations,
+                                enabled=self.switches.quantize_activations,
                                 name="aq_mid")
     if self.clean_form:
       y = symmetric_residual(
@@ -175,7 +176,7 @@ class StableResNet(nn.Module):
     max_h_norm_sq: clean form: step ``min(h, max_h_norm_sq / ||K_q||₂²)``
       per block (None: fixed ``h``).
     act / act_signed: σ and whether its quantizer is signed.
-    quantize_weights / quantize_activations: structure switches.
+    switches: the quantizers (``quantize_*``; no TV switch here).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 3, 3)
@@ -185,8 +186,7 @@ class StableResNet(nn.Module):
   max_h_norm_sq: Optional[float] = 1.0
   act: Activation = nn.relu
   act_signed: bool = False
-  quantize_weights: bool = True
-  quantize_activations: bool = True
+  switches: ModelSwitches = ModelSwitches()
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -194,6 +194,7 @@ class StableResNet(nn.Module):
                ) -> resnet.Output:
     """Logits ``[N, num_classes]`` (and every block's output if asked)."""
     resnet.check_image_input(x)
+    self.switches.check_supported("StableResNet", QUANT_ONLY)
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must have the same length")
@@ -208,8 +209,7 @@ class StableResNet(nn.Module):
                         max_h_norm_sq=self.max_h_norm_sq, act=self.act,
                         act_signed=self.act_signed,
                         input_signed=self.clean_form and not first,
-                        quantize_weights=self.quantize_weights,
-                        quantize_activations=self.quantize_activations,
+                        switches=self.switches,
                         name=f"stage{s + 1}_block{b + 1}")(x, bits,
                                                            train=train)
         hidden.append(x)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from pdeq_jax import layers
-from pdeq_jax import tv
 from pdeq_jax.models.switches import ModelSwitches
 from pdeq_jax.models.switches import QUANT_AND_TV
 

@@ -256,8 +256,9 @@ def materialize(x: Array) -> Array:
   activation once, as the quantized network does.
 
   How: a one-element ``dynamic_update_slice`` of ``x`` with its own first
-  entry, behind a ``custom_vjp`` whose backward is the identity.  XLA does not
-  duplicate a dynamic-update-slice into consumer fusions.
+  entry, behind a ``custom_jvp`` whose tangent (hence also its cotangent) is
+  the identity.  XLA does not duplicate a dynamic-update-slice into consumer
+  fusions.
   ``jax.lax.optimization_barrier`` does not help here: XLA:CPU removes it
   before fusion.  A regression test (``tests/test_benchmarks.py``) fails if
   the fp step becomes > 1.5x slower than the 4W4A step again.
@@ -273,12 +274,15 @@ def _store(x: Array) -> Array:
   return jax.lax.dynamic_update_slice(x, first, start)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _materialize(x):
   return _store(x)
 
 
-_materialize.defvjp(lambda x: (_store(x), None), lambda _, g: (g,))
+# Identity tangent: forward mode works (dense Jacobian references in the tests
+# use jax.jacfwd), and reverse mode transposes it to the identity cotangent.
+_materialize.defjvp(lambda primals, tangents: (_store(primals[0]),
+                                                tangents[0]))
 
 
 # ----------------------------------------------------------------------------

@@ -380,7 +380,7 @@ def test_clean_form_step_is_tied_to_the_applied_quantized_kernel():
   bits = layers.QuantBits.make(4, None)
   block = lambda **kw: stable_resnet.StableBlock(
       4, clean_form=True, act=lambda v: v, act_signed=True,
-      quantize_activations=False, **kw)
+      switches=ModelSwitches(quantize_activations=False), **kw)
   variables = block(max_h_norm_sq=None).init(_key(5), x, bits)
   k_q = stable_resnet.applied_kernels(_as_net(variables), 4,
                                       clean_form=True)["stage1_block1"]
@@ -410,8 +410,9 @@ def test_clean_form_step_is_tied_to_the_applied_quantized_kernel():
 def test_practical_form_margin_includes_the_bn_scales():
   x = jnp.zeros((1, 5, 5, 4))
   bits = layers.QuantBits.make(4, None)
-  block = stable_resnet.StableBlock(4, act=lambda v: v, h=0.05,
-                                    quantize_activations=False)
+  block = stable_resnet.StableBlock(
+      4, act=lambda v: v, h=0.05,
+      switches=ModelSwitches(quantize_activations=False))
   variables = block.init(_key(6), x, bits)
   rng = np.random.default_rng(0)
   params, stats = variables["params"], variables["batch_stats"]

@@ -62,11 +62,13 @@ def main():
   p.add_argument("--sweep_seed", type=int, default=0)
   p.add_argument("--startup_trials", type=int, default=4)
   p.add_argument("--warmup_epochs", type=int, default=5)
+  p.add_argument("--pruners", default="none,median",
+                 help="order of the runs (the first is the reference)")
   p.add_argument("--output", default="")
   args = p.parse_args()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    for pruner in ("none", "median"):
+    for pruner in args.pruners.split(","):
       rows.append(run(args, pruner, pathlib.Path(tmp) / pruner))
       print(rows[-1], flush=True)
   table = common.markdown_table(
@@ -75,8 +77,9 @@ def main():
       [[r["pruner"], f"{r['wall']:.1f}", f"{r['cpu']:.1f}", r["epochs"], r["pruned"],
         f"{100 * r['best_val']:.2f}", f"{100 * r['best_test']:.2f}",
         r["best_trial"]] for r in rows])
-  saving = 1 - rows[1]["wall"] / rows[0]["wall"]
-  cpu_saving = 1 - rows[1]["cpu"] / rows[0]["cpu"]
+  by_name = {r["pruner"]: r for r in rows}
+  saving = 1 - by_name["median"]["wall"] / by_name["none"]["wall"]
+  cpu_saving = 1 - by_name["median"]["cpu"] / by_name["none"]["cpu"]
   text = (f"Cora sweep ({args.config}, depth {args.depth}, {args.epochs} "
           f"epochs, no early stopping), {args.trials} trials, "
           f"{args.sampler} sampler (sweep seed {args.sweep_seed}), "
@@ -89,7 +92,9 @@ def main():
   if args.output:
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{text}")
+    previous = out.read_text() + "\n" if out.exists() else ""
+    out.write_text(f"{previous}Command: `python {' '.join(sys.argv)}`\n\n"
+                   f"{text}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ def test_pruned_trials_stop_early_and_rank_last(data_dir, tmp_path):
     sweep.make_pruner("hyperband")
   with pytest.raises(ValueError, match=r"unknown sampler \(--sampler = "):
     sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")
+  config.task = "image_classification"
+  with pytest.raises(ValueError, match="must be 'node_classification'"):
+    sweep.run_sweep(config, str(tmp_path / "img"), trials=1)
 
 
 def test_killed_sweep_resumes_the_running_trial_and_proposes_the_same(

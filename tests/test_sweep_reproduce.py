@@ -118,7 +118,7 @@ def test_pruned_trials_stop_early_and_rank_last(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"unknown sampler \(--sampler = "):
     sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")
   config.task = "image_classification"
-  with pytest.raises(ValueError, match="must be 'node_classification'"):
+  with pytest.raises(ValueError, match=r"PDE-GCN trainer \(config.task = 'image_classification'"):
     sweep.run_sweep(config, str(tmp_path / "img"), trials=1)
 
 

@@ -94,6 +94,7 @@ def test_image_classification_run_logs_images_per_second_and_alpha(
   from train import classify  # pylint: disable=import-outside-toplevel
   config = tiny_config(model="resnet8", precision="4w4a")
   config.num_epochs = 1
+  config.quant.gradual = False  # one epoch: straight to the target bits
   classify.train_and_evaluate(config, str(tmp_path), verbose=False,
                               dataset=tiny_dataset())
   scalars = _scalars(tmp_path)

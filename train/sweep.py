@@ -380,9 +380,6 @@ def run_sweep(config, workdir: str, trials: int, space: str = "gcn",
   pruner_name = (pruner if isinstance(pruner, str) or pruner is None
                  else type(pruner).__name__)
   _base_values(space, config)  # validates the space
-  if config.task != "node_classification":
-    raise ValueError(f"train.sweep's spaces are PDE-GCN ones: config.task must "
-                     f"be 'node_classification', got {config.task!r}")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -351,11 +351,11 @@ def sweep(base: ml_collections.ConfigDict, *, trials: Any, space: str,
   one_of(space, "--space", sorted(spaces), "unknown search space")
   integer_at_least(seeds_per_trial, "--seeds_per_trial", 1)
   one_of(sampler, "--sampler", samplers, "unknown sampler")
-  config(base)
-  if base.task != "node_classification":
+  if base.get("task") != "node_classification":
     raise ConfigError("the search spaces tune the PDE-GCN trainer",
-                      "config.task", base.task,
+                      "config.task", base.get("task"),
                       "allowed: node_classification")
+  config(base)
 
 
 def reproduce(command: str, *, datasets=(), forms=(), precisions=(),

@@ -458,3 +458,5 @@ def test_block_input_shapes_follow_the_pooling():
   assert shapes == {"stage1_block1": 32, "stage1_block3": 32,
                     "stage2_block1": 32, "stage2_block2": 16,
                     "stage3_block1": 16, "stage3_block9": 8}
+  with pytest.raises(ValueError, match="stage<s>_block<b>"):
+    stable_resnet.block_input_shape("head", 32, 16)

@@ -30,7 +30,9 @@ stability bound 2.  So the clean form ties its step size to the applied
 kernel (the documented choice, ``max_h_norm_sq``): ``h_eff = min(h, c /
 ||K_q||₂²)`` with ``||K_q||₂`` estimated by power iteration
 (:func:`pdeq_jax.operators.norm_tied_step`, ``c = 1``, half the bound),
-which makes the step stable by construction whatever the weights' scale;
+which makes the step stable by construction whatever the weights' scale
+(the estimate needs only be within a factor √2; measured at initialisation
+with 16 iterations: ``h_eff ||K_q||₂² = 1.03-1.07``);
 ``max_h_norm_sq=None`` restores the fixed ``h`` of plain Eq. 15.
 :func:`applied_kernels` and :func:`stability_report` measure the margin on
 the applied operator, BatchNorm scales of the practical form included.
@@ -232,8 +234,10 @@ def block_input_shape(name: str, image_size: int, channels: int
                       ) -> tuple:
   """``(1, H, W, C)`` of block ``stage{s}_block{b}``'s step (the first block
   of a later stage steps before its pooling)."""
-  stage, block = (int(p) for p in re.fullmatch(
-      r"stage(\d+)_block(\d+)", name).groups())
+  match = re.fullmatch(r"stage(\d+)_block(\d+)", name)
+  if match is None:
+    raise ValueError(f"block name must be 'stage<s>_block<b>', got {name!r}")
+  stage, block = (int(p) for p in match.groups())
   size = image_size >> max(0, stage - 1 - (block == 1))
   return (1, size, size, channels)
 

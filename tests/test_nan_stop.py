@@ -148,3 +148,23 @@ def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
   assert [r["step"] for r in writer.read()] == [1, 2]
   writer.truncate_after(1)
   assert json.loads(writer.path.read_text()) == {"loss": 0.5, "step": 1}
+
+
+def test_a_diverged_sweep_trial_ranks_last_and_the_sweep_goes_on(
+    data_dir, tmp_path, monkeypatch):
+  from train import sweep  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_trial(trainer, config, trial_dir, seeds_per_trial):
+    calls.append(trial_dir.name)
+    if len(calls) == 1:
+      raise common.NonFiniteError("training diverged: loss = nan at epoch 3")
+    return {"val_acc": 0.5, "test_acc": 0.4, "best_epoch": 7}
+  monkeypatch.setattr(sweep, "_train_trial", fake_trial)
+  best = sweep.run_sweep(_gcn_config(data_dir), str(tmp_path), trials=2,
+                         space="dropout", verbose=False)
+  assert calls == ["trial_000", "trial_001"]
+  assert best["trial"] == 1
+  rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
+  assert rows[-1]["trial"] == 0 and rows[-1]["diverged"] is True
+  assert rows[-1]["val_acc"] == 0.0

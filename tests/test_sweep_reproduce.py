@@ -53,7 +53,8 @@ def test_sweep_with_several_seeds_ranks_trials_by_their_mean(data_dir,
   winner = json.loads((tmp_path / "best_config.json").read_text())
   assert winner["seeds_per_trial"] == 2
   assert "mean of 2 seeds" in (tmp_path / "sweep.md").read_text()
-  with pytest.raises(ValueError, match="seeds_per_trial must be >= 1"):
+  with pytest.raises(ValueError,
+                     match=r"--seeds_per_trial = 0; allowed: an integer >= 1"):
     sweep.run_sweep(config, str(tmp_path), trials=1, space="dropout",
                     seeds_per_trial=0)
 
@@ -162,5 +163,6 @@ def test_tpe_sweep_on_cora_records_the_sampler(data_dir, tmp_path,
   again = sweep.run_sweep(config, str(tmp_path), trials=2, space="dropout",
                           verbose=False, sampler="tpe")
   assert again == best
-  with pytest.raises(ValueError, match="sampler must be one of"):
+  with pytest.raises(ValueError, match=r"unknown sampler \(--sampler = "
+                     r".grid.; allowed: .random., .tpe.\)"):
     sweep.run_sweep(config, str(tmp_path), trials=1, sampler="grid")

@@ -26,6 +26,14 @@ def _gcn_config(data_dir, epochs=8):
   return config
 
 
+@pytest.fixture(scope="module")
+def clean_gcn(data_dir, tmp_path_factory):
+  """The results of the run without a fault."""
+  return node_classify.train_and_evaluate(
+      _gcn_config(data_dir), str(tmp_path_factory.mktemp("clean")),
+      verbose=False)
+
+
 def _inject_gcn(monkeypatch, at_call: int, value: float, into: str):
   """The ``at_call``-th train step returns ``value`` as its loss (``into`` =
   "loss") or as every parameter (``into`` = "params")."""
@@ -59,7 +67,7 @@ def _inject_gcn(monkeypatch, at_call: int, value: float, into: str):
      "(step 4) is kept"),
 ])
 def test_gcn_stops_on_non_finite(data_dir, tmp_path, monkeypatch, value, into,
-                                 message):
+                                 message, clean_gcn):
   config = _gcn_config(data_dir)
   _inject_gcn(monkeypatch, at_call=5, value=value, into=into)
   with pytest.raises(common.NonFiniteError, match=message.replace(
@@ -76,10 +84,8 @@ def test_gcn_stops_on_non_finite(data_dir, tmp_path, monkeypatch, value, into,
   monkeypatch.undo()
   resumed = node_classify.train_and_evaluate(config, str(tmp_path),
                                              verbose=False)
-  clean = node_classify.train_and_evaluate(config, str(tmp_path / "clean"),
-                                           verbose=False)
   for key in ("val_acc", "test_acc", "best_epoch", "act_mse"):
-    assert resumed[key] == clean[key], key
+    assert resumed[key] == clean_gcn[key], key
 
 
 def _inject_image(monkeypatch, at_call: int, into: str):

@@ -451,3 +451,29 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.stdout.write(render_doc(pathlib.Path(os.environ.get(
       "PDEQ_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))))
+
+
+@pytest.mark.parametrize("start,per_step,target", [
+    (16, 10, 4), (8, 1, 4), (5, 2, 4), (6, 3, 2), (4, 5, 8)])
+def test_gradual_schedule_check_agrees_with_the_schedule(start, per_step,
+                                                         target):
+  """A config passes iff the trainers' own schedule is at the target bits in
+  the last epoch (issue 15, Part 3 item 6), at and around the boundary."""
+  from configs import pde_gcn  # pylint: disable=import-outside-toplevel
+  from train import common, validate  # pylint: disable=import-outside-toplevel
+  config = pde_gcn.get_config("cora,sym,4w4a")
+  config.quant.update(gradual=True, start_bits=start,
+                      epochs_per_step=per_step, act_bits=target)
+  outcomes = []
+  for epochs in range(1, max(start - target, 0) * per_step + 4):
+    config.num_epochs = epochs
+    last = int(common.bits_for_epoch(config, epochs - 1).activations)
+    try:
+      validate.quant_section(config)
+      accepted = True
+    except validate.ConfigError as e:
+      assert e.field == "config.num_epochs"
+      accepted = False
+    assert accepted == (last == target), (epochs, last)
+    outcomes.append(accepted)
+  assert outcomes[-1] and (outcomes[0] == (start <= target))

@@ -477,3 +477,19 @@ def test_gradual_schedule_check_agrees_with_the_schedule(start, per_step,
     assert accepted == (last == target), (epochs, last)
     outcomes.append(accepted)
   assert outcomes[-1] and (outcomes[0] == (start <= target))
+
+
+@pytest.mark.parametrize("path,arg", [
+    ("pde_gcn", "cora,sym,4w4a"), ("pde_gcn", "citeseer,nonsym,fp"),
+    ("pde_gcn", "pubmed,sym,4w8a"), ("cifar", "resnet56,cifar10,4w4a"),
+    ("cifar", "resnet20,cifar10_jpeg,2w2a,cpu"),
+    ("cifar", "stable_resnet20,imagefolder:/data/x,4w8a,cpu"),
+    ("deeplab", "synthetic,5w5a,cpu"), ("deeplab", "cityscapes,5w5a,tv"),
+    ("tv_pipeline", "resnet20,cifar100,4w4a"),
+    ("tv_pipeline", "resnet20,cifar10_jpeg,4w8a,cpu"),
+    ("tv_pipeline", "resnet20,cifar10_jpeg,2w2a,cpu"),
+    ("tv_pipeline", "deeplabv3_resnet50,cityscapes,5w5a")])
+def test_shipped_configs_validate(path, arg):
+  from train import validate  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{path}").get_config(arg)
+  validate.config(config)

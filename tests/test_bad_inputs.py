@@ -448,9 +448,12 @@ checkpoint and write no `results.json` (`tests/test_nan_stop.py`).
 
 
 if __name__ == "__main__":
+  import contextlib  # pylint: disable=ungrouped-imports
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.stdout.write(render_doc(pathlib.Path(os.environ.get(
-      "PDEQ_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))))
+  with contextlib.redirect_stdout(sys.stderr):  # the programs' own output
+    text = render_doc(pathlib.Path(os.environ.get(
+        "PDEQ_DATA_DIR", REPO_ROOT.parent / "shared" / "data")))
+  sys.stdout.write(text)
 
 
 @pytest.mark.parametrize("start,per_step,target", [

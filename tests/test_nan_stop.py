@@ -174,3 +174,21 @@ def test_a_diverged_sweep_trial_ranks_last_and_the_sweep_goes_on(
   rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
   assert rows[-1]["trial"] == 0 and rows[-1]["diverged"] is True
   assert rows[-1]["val_acc"] == 0.0
+
+
+def test_cli_divergence_is_one_line_and_status_1(data_dir, tmp_path):
+  """A learning rate of 1e38 diverges in the first epoch: one line, exit
+  status 1 (not 2: the input is valid), no results.json."""
+  from tests.test_bad_inputs import run_program  # pylint: disable=import-outside-toplevel
+  status, err = run_program("train.main", [
+      "--config=configs/pde_gcn.py:cora,sym,4w4a",
+      f"--config.data.data_dir={data_dir / 'planetoid'}",
+      "--config.model.depth=2", "--config.model.width=8",
+      "--config.num_epochs=4", "--config.optim.lr=1e38",
+      f"--workdir={tmp_path}"])
+  assert status == 1
+  assert err.strip().splitlines() == [
+      "error: training diverged: val_loss = inf at epoch 0 (step 1); no "
+      "checkpoint was written; no results.json written (lower the learning "
+      "rate or check the inputs)"]
+  assert not (tmp_path / "results.json").exists()

@@ -7,9 +7,10 @@ check that it ends bit for bit like an uninterrupted run.
 For each trainer a small run is started as ``python -m train.main`` in a
 fresh workdir and killed (SIGKILL) at a random moment (see
 :func:`kill_and_restart`; numpy generator seeded by ``--seed``), then
-restarted, ``--kills`` times; a last restart runs to the end.  The final ``results.json`` (all but
-the timing entries), ``metrics.jsonl`` and every array of the final
-checkpoint must equal those of an uninterrupted run of the same command.
+restarted, ``--kills`` times; a last restart runs to the end.  The final
+``results.json`` (all but the timing entries), ``metrics.jsonl`` and every
+array of the final checkpoint must equal those of an uninterrupted run of the
+same command.
 
 ``tests/test_kill_resume.py`` runs this with 5 kills per trainer on tiny
 configs; this script is the longer version.

@@ -90,7 +90,7 @@ def get_config(arg=None):
   if cpu:
     pretrain.num_epochs = 6
     quantize.num_epochs = 3
-    quantize.quant.start_bits = max(w, a) + 2
+    quantize.quant.start_bits = min(w, a) + 2  # both reach their target
     quantize.quant.epochs_per_step = 1
     tv_finetune.num_epochs = continued.num_epochs = 2
 

@@ -448,6 +448,51 @@ checkpoint and write no `results.json` (`tests/test_nan_stop.py`).
 
 
 if __name__ == "__main__":
+  import contextlib  # pylint: disable=ungrouped-imports
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.stdout.write(render_doc(pathlib.Path(os.environ.get(
-      "PDEQ_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))))
+  with contextlib.redirect_stdout(sys.stderr):  # the programs' own output
+    text = render_doc(pathlib.Path(os.environ.get(
+        "PDEQ_DATA_DIR", REPO_ROOT.parent / "shared" / "data")))
+  sys.stdout.write(text)
+
+
+@pytest.mark.parametrize("start,per_step,target", [
+    (16, 10, 4), (8, 1, 4), (5, 2, 4), (6, 3, 2), (4, 5, 8)])
+def test_gradual_schedule_check_agrees_with_the_schedule(start, per_step,
+                                                         target):
+  """A config passes iff the trainers' own schedule is at the target bits in
+  the last epoch (issue 15, Part 3 item 6), at and around the boundary."""
+  from configs import pde_gcn  # pylint: disable=import-outside-toplevel
+  from train import common, validate  # pylint: disable=import-outside-toplevel
+  config = pde_gcn.get_config("cora,sym,4w4a")
+  config.quant.update(gradual=True, start_bits=start,
+                      epochs_per_step=per_step, act_bits=target)
+  outcomes = []
+  for epochs in range(1, max(start - target, 0) * per_step + 4):
+    config.num_epochs = epochs
+    last = int(common.bits_for_epoch(config, epochs - 1).activations)
+    try:
+      validate.quant_section(config)
+      accepted = True
+    except validate.ConfigError as e:
+      assert e.field == "config.num_epochs"
+      accepted = False
+    assert accepted == (last == target), (epochs, last)
+    outcomes.append(accepted)
+  assert outcomes[-1] and (outcomes[0] == (start <= target))
+
+
+@pytest.mark.parametrize("path,arg", [
+    ("pde_gcn", "cora,sym,4w4a"), ("pde_gcn", "citeseer,nonsym,fp"),
+    ("pde_gcn", "pubmed,sym,4w8a"), ("cifar", "resnet56,cifar10,4w4a"),
+    ("cifar", "resnet20,cifar10_jpeg,2w2a,cpu"),
+    ("cifar", "stable_resnet20,imagefolder:/data/x,4w8a,cpu"),
+    ("deeplab", "synthetic,5w5a,cpu"), ("deeplab", "cityscapes,5w5a,tv"),
+    ("tv_pipeline", "resnet20,cifar100,4w4a"),
+    ("tv_pipeline", "resnet20,cifar10_jpeg,4w8a,cpu"),
+    ("tv_pipeline", "resnet20,cifar10_jpeg,2w2a,cpu"),
+    ("tv_pipeline", "deeplabv3_resnet50,cityscapes,5w5a")])
+def test_shipped_configs_validate(path, arg):
+  from train import validate  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{path}").get_config(arg)
+  validate.config(config)

@@ -49,3 +49,24 @@ def test_image_trainer_survives_random_kills(tmp_path):
   args = kill_resume.image_command(str(root), str(tmp_path / "cache"),
                                    epochs=12)
   _kill_test(args, tmp_path, seed=1, max_lines=5)
+
+
+def test_atomic_write_leaves_the_old_or_the_new_file(tmp_path, monkeypatch):
+  """results.json, best_config.json, sweep tables and reports go through
+  common.write_text: a failure (or kill) before the rename leaves the old
+  file whole and no temporary behind."""
+  import os  # pylint: disable=import-outside-toplevel
+  from train import common  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "results.json"
+  common.write_json(path, {"test_acc": 0.5})
+
+  def killed(src, dst):
+    raise KeyboardInterrupt("killed before the rename")
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    common.write_json(path, {"test_acc": 0.9})
+  monkeypatch.undo()
+  assert path.read_text() == '{\n  "test_acc": 0.5\n}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+  common.write_text(tmp_path / "sweep.md", "table\n")
+  assert (tmp_path / "sweep.md").read_text() == "table\n"

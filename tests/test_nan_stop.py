@@ -26,6 +26,14 @@ def _gcn_config(data_dir, epochs=8):
   return config
 
 
+@pytest.fixture(scope="module")
+def clean_gcn(data_dir, tmp_path_factory):
+  """The results of the run without a fault."""
+  return node_classify.train_and_evaluate(
+      _gcn_config(data_dir), str(tmp_path_factory.mktemp("clean")),
+      verbose=False)
+
+
 def _inject_gcn(monkeypatch, at_call: int, value: float, into: str):
   """The ``at_call``-th train step returns ``value`` as its loss (``into`` =
   "loss") or as every parameter (``into`` = "params")."""
@@ -59,7 +67,7 @@ def _inject_gcn(monkeypatch, at_call: int, value: float, into: str):
      "(step 4) is kept"),
 ])
 def test_gcn_stops_on_non_finite(data_dir, tmp_path, monkeypatch, value, into,
-                                 message):
+                                 message, clean_gcn):
   config = _gcn_config(data_dir)
   _inject_gcn(monkeypatch, at_call=5, value=value, into=into)
   with pytest.raises(common.NonFiniteError, match=message.replace(
@@ -76,10 +84,8 @@ def test_gcn_stops_on_non_finite(data_dir, tmp_path, monkeypatch, value, into,
   monkeypatch.undo()
   resumed = node_classify.train_and_evaluate(config, str(tmp_path),
                                              verbose=False)
-  clean = node_classify.train_and_evaluate(config, str(tmp_path / "clean"),
-                                           verbose=False)
   for key in ("val_acc", "test_acc", "best_epoch", "act_mse"):
-    assert resumed[key] == clean[key], key
+    assert resumed[key] == clean_gcn[key], key
 
 
 def _inject_image(monkeypatch, at_call: int, into: str):
@@ -148,3 +154,41 @@ def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
   assert [r["step"] for r in writer.read()] == [1, 2]
   writer.truncate_after(1)
   assert json.loads(writer.path.read_text()) == {"loss": 0.5, "step": 1}
+
+
+def test_a_diverged_sweep_trial_ranks_last_and_the_sweep_goes_on(
+    data_dir, tmp_path, monkeypatch):
+  from train import sweep  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_trial(trainer, config, trial_dir, seeds_per_trial):
+    calls.append(trial_dir.name)
+    if len(calls) == 1:
+      raise common.NonFiniteError("training diverged: loss = nan at epoch 3")
+    return {"val_acc": 0.5, "test_acc": 0.4, "best_epoch": 7}
+  monkeypatch.setattr(sweep, "_train_trial", fake_trial)
+  best = sweep.run_sweep(_gcn_config(data_dir), str(tmp_path), trials=2,
+                         space="dropout", verbose=False)
+  assert calls == ["trial_000", "trial_001"]
+  assert best["trial"] == 1
+  rows = [json.loads(l) for l in (tmp_path / "sweep.jsonl").open()]
+  assert rows[-1]["trial"] == 0 and rows[-1]["diverged"] is True
+  assert rows[-1]["val_acc"] == 0.0
+
+
+def test_cli_divergence_is_one_line_and_status_1(data_dir, tmp_path):
+  """A learning rate of 1e38 diverges in the first epoch: one line, exit
+  status 1 (not 2: the input is valid), no results.json."""
+  from tests.test_bad_inputs import run_program  # pylint: disable=import-outside-toplevel
+  status, err = run_program("train.main", [
+      "--config=configs/pde_gcn.py:cora,sym,4w4a",
+      f"--config.data.data_dir={data_dir / 'planetoid'}",
+      "--config.model.depth=2", "--config.model.width=8",
+      "--config.num_epochs=4", "--config.optim.lr=1e38",
+      f"--workdir={tmp_path}"])
+  assert status == 1
+  assert err.strip().splitlines() == [
+      "error: training diverged: val_loss = inf at epoch 0 (step 1); no "
+      "checkpoint was written; no results.json written (lower the learning "
+      "rate or check the inputs)"]
+  assert not (tmp_path / "results.json").exists()

@@ -419,3 +419,20 @@ def test_fetch_url_atomic(tmp_path):
   _REAL_FETCH_URL(src.as_uri(), dest, 5.0)  # file:// URL, no network
   assert dest.read_bytes() == b"hello"
   assert [p.name for p in dest.parent.iterdir()] == ["file"]
+
+
+def test_local_file_checked_against_its_pinned_sha256(tmp_path, planetoid_dir):
+  """A corrupt local file (same size, one byte changed) fails its checksum,
+  naming the file and the expected hash (issue 15, Part 3 item 8)."""
+  for f in planetoid_dir.glob("ind.cora.*"):
+    (tmp_path / f.name).write_bytes(f.read_bytes())
+  bad = tmp_path / "ind.cora.allx"
+  data = bytearray(bad.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  bad.write_bytes(bytes(data))
+  expected = planetoid.SHA256["cora.allx"]
+  with pytest.raises(planetoid.ChecksumError) as info:
+    planetoid.load_planetoid("cora", tmp_path, download=False)
+  message = str(info.value)
+  assert str(bad) in message and f"expected {expected}" in message
+  planetoid.verify_local_files("cora", planetoid_dir)  # the real files pass

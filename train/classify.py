@@ -88,12 +88,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     path = pathlib.Path(config.init_from)
     if path.suffix in STATE_DICT_SUFFIXES:
       if not path.is_file():
-        raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
-                                "such state-dict file")
+        raise validate.ConfigError(
+            "no such state-dict file", "config.init_from", config.init_from,
+            "allowed: an existing .pth/.pt/.npz file, or the workdir of a "
+            "finished run")
     elif not (path / "checkpoints").is_dir():
-      raise FileNotFoundError(f"config.init_from={config.init_from!r}: no "
-                              "checkpoints directory there (give the workdir "
-                              "of a finished run, or a .pth/.npz state dict)")
+      raise validate.ConfigError(
+          "no checkpoints directory there", "config.init_from",
+          config.init_from, "allowed: the workdir of a finished run, or a "
+          ".pth/.pt/.npz state dict")
   if config.optim.weight_decay_on not in ("all", "kernels"):
     raise ValueError("config.optim.weight_decay_on must be 'all' or "
                      f"'kernels', got {config.optim.weight_decay_on!r}")

@@ -638,12 +638,14 @@ def define_flags(flag_values=None) -> None:
   flags.DEFINE_string("workdir", None, "A classification run's workdir.", **fv)
   flags.DEFINE_string("output_dir", None, "Where fig2.{json,md,png} go.", **fv)
   flags.DEFINE_integer("image_index", 0, "Index into the run's test set.", **fv)
-  flags.DEFINE_integer("layer", 1, "Block whose output is used (1-based).", **fv)
+  flags.DEFINE_integer("layer", 1, "Block whose output is used (1-based).",
+                       **fv)
   flags.DEFINE_string("channel", "auto",
                       "Channel shown in the figure: an index or 'auto' "
                       "(largest variance).", **fv)
   flags.DEFINE_float("gamma_sq", 0.1, "γ² of the TV step (Eq. 14).", **fv)
-  flags.DEFINE_list("steps", ["1", "3"], "TV step counts (0 is always added).", **fv)
+  flags.DEFINE_list("steps", ["1", "3"],
+                    "TV step counts (0 is always added).", **fv)
   flags.DEFINE_integer("bits", 4, "Unsigned quantization bits.", **fv)
   flags.DEFINE_enum("which", "best", ["best", "final"],
                     "Which model of the run: best (falls back to the latest "
@@ -655,7 +657,8 @@ def define_flags(flag_values=None) -> None:
                     "BasicBlocks only).", **fv)
   flags.DEFINE_integer("num_images", 64,
                        "Also summarise the first N test images (0: off).", **fv)
-  flags.DEFINE_string("data_dir", None, "Overrides the run's data.data_dir.", **fv)
+  flags.DEFINE_string("data_dir", None, "Overrides the run's data.data_dir.",
+                      **fv)
 
 
 FLAGS = None  # flags.FLAGS when run as a program (tests set their own)

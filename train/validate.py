@@ -240,9 +240,6 @@ def image(config: ml_collections.ConfigDict, prefix: str = "config",
   integer_at_least(config.log_every_steps, f"{prefix}.log_every_steps", 1)
   integer_at_least(config.checkpoint_every_steps,
                    f"{prefix}.checkpoint_every_steps", 0)
-  if "nan_check_every_steps" in config:
-    integer_at_least(config.nan_check_every_steps,
-                     f"{prefix}.nan_check_every_steps", 1)
   non_negative(config.get("progress_every_s", 0.0),
                f"{prefix}.progress_every_s")
   d = config.data

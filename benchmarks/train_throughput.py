@@ -1,7 +1,7 @@
 """Training-step throughput of the CIFAR ResNets: pdeq-jax vs PyTorch, one run.
 
     python benchmarks/train_throughput.py [--models resnet56,stable_resnet56] \
-        [--precisions float,4w4a] [--batch 128] [--steps 5] [--rounds 3] \
+        [--precisions fp,4w4a] [--batch 128] [--steps 5] [--rounds 3] \
         [--output results/benchmarks/train_throughput.md]
 
 One training step = forward + backward + SGD update (momentum 0.9, coupled
@@ -535,6 +535,90 @@ class TorchRunner:
     self.net = self.opt = self.x = self.y = None
 
 
+# ------------------------------------------------------- the authors' code ---
+
+@functools.lru_cache(maxsize=None)
+def authors_lib(path: str) -> Optional[types.SimpleNamespace]:
+  """The authors' ``nets.resnet`` / ``nets.stable_resnet``, imported from path.
+
+  ``path`` is a checkout of BGUCompSci/CNNQuantizationThroughPDEs (nothing of
+  it is copied here).  Only the two network modules and their
+  ``net_components`` are imported: ``nets/__init__.py`` (names that
+  ``nets/resnet.py`` lacks) and ``config.py`` are not executed.  None when
+  ``path`` has no ``nets/resnet.py``.
+  """
+  import importlib  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(os.path.expanduser(path))
+  nets_dir = os.path.join(path, "nets")
+  if not os.path.isfile(os.path.join(nets_dir, "resnet.py")):
+    return None
+  torch_lib()  # torch first (and its OMP_WAIT_POLICY)
+  if path not in sys.path:
+    sys.path.append(path)  # net_components
+  package = types.ModuleType("nets")
+  package.__path__ = [nets_dir]
+  saved = sys.modules.get("nets")
+  sys.modules["nets"] = package
+  try:
+    resnet = importlib.import_module("nets.resnet")
+    stable = importlib.import_module("nets.stable_resnet")
+  finally:
+    if saved is not None:
+      sys.modules["nets"] = saved
+  return types.SimpleNamespace(path=path, resnet=resnet, stable=stable)
+
+
+def build_authors_net(lib: types.SimpleNamespace, jax_model, kind: str,
+                      precision: str):
+  """The authors' network with the JAX model's stages, or None for ``float``.
+
+  ``fp``: no quantizers (their ``quantize_* = None``); ``<w>w<a>a``: their
+  quantizers at those bits.  Their code has no clip-only "float" network.
+  """
+  quantized, w, a = parse_precision(precision)
+  if quantized and (w is None or a is None):
+    return None
+  widths, sizes = list(jax_model.widths), list(jax_model.stage_sizes)
+  block, net_class, extra = (
+      (lib.resnet.BasicBlock, lib.resnet.ResNet, {}) if kind == "resnet" else
+      (lib.stable.StableBlock, lib.stable.StableResNet,
+       {"stable": True, "stability_coeff": float(jax_model.h)}))
+  defs = [lib.resnet.LayerDef(block, widths[max(i - 1, 0)], widths[i],
+                              sizes[i], 1 if i == 0 else 2)
+          for i in range(len(widths))]
+  return net_class(NUM_CLASSES, defs, quantize_weights=w,
+                   quantize_activations=a, **extra)
+
+
+class AuthorsRunner(TorchRunner):
+  """The authors' network, trained by the same PyTorch loop."""
+
+  def __init__(self, lib, name, precision, x, y, jax_runner, threads):
+    # pylint: disable=super-init-not-called
+    torch = torch_lib().torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    self.net = build_authors_net(lib, jax_runner.model, jax_runner.kind,
+                                 precision)
+    self.net.train()
+    self.params, self.alphas = count_torch_params(self.net)
+    self.opt = torch.optim.SGD(self.net.parameters(), lr=LR,
+                               momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    self.x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    self.y = torch.from_numpy(y.astype(np.int64))
+    self.loss = float("nan")
+
+  def run(self, steps: int) -> None:
+    F = torch_lib().F
+    loss = None
+    for _ in range(steps):
+      self.opt.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(self.net(self.x), self.y)
+      loss.backward()
+      self.opt.step()
+    self.loss = loss.item()
+
+
 def check_equivalence(name: str, precision: str, batch: int, seed: int
                       ) -> Dict[str, float]:
   """Compares logits and gradients of the two sides with the same weights.
@@ -598,6 +682,135 @@ def check_equivalence(name: str, precision: str, batch: int, seed: int
           "grad": float(np.max(np.abs(g_j - g_t)) / np.max(np.abs(g_j)))}
 
 
+# ---------------------------------------------------------------- fp guard ---
+
+def fp_step_ratio(fp_model, quantized_model, precision: str = "4w4a",
+                  batch: int = 128, rounds: int = 3, steps: int = 2,
+                  warmup: int = 1, seed: int = 0) -> Dict[str, Any]:
+  """Step time of the ``fp`` network over its ``precision`` twin, one process.
+
+  Both steps are compiled as the trainers compile them (traced bits,
+  ``xla_options``), warmed up, and timed in ``rounds`` interleaved rounds of
+  ``steps`` steps.  ``ratio``: median of the per-round ratios fp wall time /
+  quantized wall time (> 1: fp slower); ``cpu_ratio``: the same for the
+  process's CPU time (user + system), which other jobs on a shared machine
+  disturb much less than wall time.
+  """
+  if not parse_precision(precision)[0]:
+    raise ValueError(f"precision must be a quantized one (float or "
+                     f"<w>w<a>a), got {precision!r}")
+  x, y = map(jnp.asarray, make_data(batch, seed))
+  options = xla_options.compiler_options()
+  tx = jax_optimizer()
+  runs = {}
+  for label, model, prec in (("fp", fp_model, "fp"),
+                             (precision, quantized_model, precision)):
+    state = jax.jit(make_jax_init(model, tx))(jax.random.PRNGKey(seed))
+    compiled, bits = compile_jax_step(model, tx, state, x, y, prec,
+                                      "traced", options)
+    runs[label] = [compiled, state, bits]
+  times: Dict[str, List[float]] = {label: [] for label in runs}
+  cpu: Dict[str, List[float]] = {label: [] for label in runs}
+
+  def run(label: str, n: int) -> None:
+    compiled, state, bits = runs[label]
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(n):
+      state, loss = compiled(state, x, y, bits)
+    jax.block_until_ready((state, loss))
+    runs[label][1] = state
+    times[label].append((time.perf_counter() - t0) / max(n, 1))
+    cpu[label].append((_cpu_seconds() - cpu0) / max(n, 1))
+
+  for label in runs:
+    run(label, warmup)
+    times[label].clear()
+    cpu[label].clear()
+  for _ in range(rounds):
+    for label in runs:
+      run(label, steps)
+  ratio = lambda d: statistics.median(f / q for f, q in zip(d["fp"],
+                                                             d[precision]))
+  return {"ratio": ratio(times), "cpu_ratio": ratio(cpu),
+          "fp_s": statistics.median(times["fp"]),
+          "quantized_s": statistics.median(times[precision])}
+
+
+def fp_guard(names: List[str], precision: str, limit: float, batch: int,
+             rounds: int, steps: int, warmup: int) -> bool:
+  """Prints fp / quantized step-time ratios; False if one exceeds ``limit``."""
+  ok = True
+  for name in names:
+    r = fp_step_ratio(build_jax_model(name, False)[0],
+                      build_jax_model(name, True)[0], precision, batch,
+                      rounds, steps, warmup)
+    # CPU time: robust to other jobs; the recomputation it guards against
+    # costs CPU time as much as wall time.
+    verdict = "ok" if r["cpu_ratio"] <= limit else f"FAIL (> {limit}x)"
+    ok = ok and r["cpu_ratio"] <= limit
+    print(f"fp guard {name} batch {batch}: fp {r['fp_s'] * 1e3:.0f} ms, "
+          f"{precision.upper()} {r['quantized_s'] * 1e3:.0f} ms per step, "
+          f"fp / {precision.upper()} = {r['ratio']:.2f}x wall, "
+          f"{r['cpu_ratio']:.2f}x CPU time: {verdict} "
+          f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+  return ok
+
+
+# --------------------------------------------------------- PASSIVE column ---
+
+PASSIVE_TAG = "TRAIN_THROUGHPUT_PASSIVE "
+
+
+class _InitOnly:
+  """What TorchRunner needs of a JaxRunner: the model and initial weights."""
+
+  def __init__(self, name, precision, seed):
+    self.model, self.kind = build_jax_model(name, parse_precision(precision)[0])
+    self.state = jax.jit(make_jax_init(self.model, jax_optimizer()))(
+        jax.random.PRNGKey(seed))
+
+  host_variables = JaxRunner.host_variables
+
+
+def passive_child(spec: str, args) -> None:
+  """Fresh process with OMP_WAIT_POLICY=PASSIVE: PyTorch (and authors') s/step."""
+  name, precision = spec.split(":")
+  x, y = make_data(args.batch, args.seed)
+  init = _InitOnly(name, precision, args.seed)
+  runners = {"torch": TorchRunner(name, precision, x, y, init, args.threads)}
+  authors = authors_lib(args.authors_code) if args.authors_code else None
+  if authors is not None and build_authors_net(
+      authors, init.model, init.kind, precision) is not None:
+    runners["authors"] = AuthorsRunner(authors, name, precision, x, y, init,
+                                       args.threads)
+  times = {side: [] for side in runners}
+  for r in runners.values():
+    r.run(args.warmup)
+  for _ in range(args.rounds):
+    for side, r in runners.items():
+      t0 = time.perf_counter()
+      r.run(args.steps)
+      times[side].append((time.perf_counter() - t0) / args.steps)
+  print(PASSIVE_TAG + json.dumps(times), flush=True)
+
+
+def measure_passive(name: str, precision: str, args) -> Dict[str, List[float]]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--_passive_child",
+         f"{name}:{precision}", "--batch", str(args.batch),
+         "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--rounds", str(args.rounds), "--threads", str(args.threads),
+         "--seed", str(args.seed), "--authors_code", args.authors_code]
+  env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                        env=env)
+  for line in proc.stdout.splitlines():
+    if line.startswith(PASSIVE_TAG):
+      return json.loads(line[len(PASSIVE_TAG):])
+  print(f"  PASSIVE child {name}:{precision} failed (rc {proc.returncode}):"
+        f"\n{proc.stderr[-2000:]}", file=sys.stderr)
+  return {}
+
+
 # ------------------------------------------------------------------ memory ---
 
 def _proc_status_kb(field: str) -> int:
@@ -655,15 +868,22 @@ def memory_child(spec: str, args) -> None:
     yt = torch.from_numpy(y.astype(np.int64))
     model, kind = build_jax_model(name, quantized)  # shapes only
     _, w, a = parse_precision(precision)
+    authors = authors_lib(args.authors_code) if framework == "authors" \
+        else None
     baseline = _proc_status_kb("VmRSS")
     _reset_peak_rss()
-    net = build_torch_net(model, kind, quantized)
+    if authors is not None:
+      net = build_authors_net(authors, model, kind, precision)
+      forward = net
+    else:
+      net = build_torch_net(model, kind, quantized)
+      forward = lambda v: net(v, (w, a))
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM,
                           weight_decay=WEIGHT_DECAY)
     for _ in range(steps):
       opt.zero_grad(set_to_none=True)
-      loss = lib.F.cross_entropy(net(xt, (w, a)), yt)
+      loss = lib.F.cross_entropy(forward(xt), yt)
       loss.backward()
       opt.step()
     loss.item()
@@ -679,7 +899,8 @@ def measure_rss(framework: str, name: str, precision: str, args,
          f"{framework}:{name}:{precision}", "--batch", str(args.batch),
          "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--bits", args.bits,
-         "--seed", str(args.seed), "--cache_dir", cache_dir]
+         "--seed", str(args.seed), "--cache_dir", cache_dir,
+         "--authors_code", args.authors_code]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   for line in proc.stdout.splitlines():
     if line.startswith(MEMORY_TAG):
@@ -722,6 +943,19 @@ def check_text(c: Dict[str, float]) -> str:
           f"{c['grad']:.1e}")
 
 
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo; platform.processor() else)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=import-outside-toplevel
+  return platform.processor() or "unknown CPU"
+
+
 def environment_line(args, have_torch: bool) -> str:
   parts = [f"jax {jax.__version__} ({jax.default_backend()})"]
   if have_torch:
@@ -744,7 +978,7 @@ def main(argv=None):
   parser.add_argument("--models", default="resnet56,stable_resnet56",
                       help="registry names: resnet20/32/44/56/110, "
                       "stable_resnet8/20/56, ...")
-  parser.add_argument("--precisions", default="float,4w4a",
+  parser.add_argument("--precisions", default="fp,4w4a",
                       help="float (clip only), fp (no quantizers), <w>w<a>a")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5,
@@ -766,18 +1000,50 @@ def main(argv=None):
                       help="also time the JAX step compiled with XLA's "
                       "default options (without pdeq_jax.xla_options): the "
                       "before/after of the library's CPU settings")
-  parser.add_argument("--omp_wait_policy", default="passive",
+  parser.add_argument("--omp_wait_policy", default="env",
                       choices=("passive", "active", "env"),
                       help="OMP_WAIT_POLICY for torch's OpenMP threads "
-                      "(env: leave the environment alone); see the notes")
+                      "(default env: leave the environment alone, i.e. "
+                      "PyTorch's defaults); see the notes")
+  parser.add_argument("--passive", action="store_true",
+                      help="extra PyTorch column(s) measured with "
+                      "OMP_WAIT_POLICY=PASSIVE (in a child process, after "
+                      "the interleaved rounds): for machines shared with "
+                      "other jobs")
+  parser.add_argument("--authors_code", default="",
+                      help="path of a checkout of the authors' code "
+                      "(BGUCompSci/CNNQuantizationThroughPDEs): adds their "
+                      "nets/ networks as a third column (imported from "
+                      "there, skipped when the path has no nets/resnet.py)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default="", help="markdown file to write")
+  parser.add_argument("--fp_guard", type=float, default=0.0,
+                      help="guard mode: time only the fp and the first "
+                      "quantized --precisions step of each model (JAX) and "
+                      "exit with status 1 if fp is more than this many "
+                      "times slower (e.g. 1.5)")
   parser.add_argument("--_memory_child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--_passive_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   if args._memory_child:  # pylint: disable=protected-access
     memory_child(args._memory_child, args)  # pylint: disable=protected-access
+    return
+  if args._passive_child:  # pylint: disable=protected-access
+    passive_child(args._passive_child, args)  # pylint: disable=protected-access
+    return
+
+  if args.fp_guard:
+    quantized = [p for p in args.precisions.split(",")
+                 if p.strip() and parse_precision(p)[0]]
+    if not quantized:
+      raise ValueError(f"--fp_guard needs a quantized precision in "
+                       f"--precisions, got {args.precisions!r}")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if not fp_guard(names, quantized[0].strip().lower(), args.fp_guard,
+                    args.batch, args.rounds, args.steps, args.warmup):
+      sys.exit(1)
     return
 
   if args.omp_wait_policy != "env":
@@ -793,6 +1059,12 @@ def main(argv=None):
       have_torch = True
     except ImportError:
       print("torch not installed: JAX columns only", file=sys.stderr)
+  authors = None
+  if have_torch and args.authors_code:
+    authors = authors_lib(args.authors_code)
+    if authors is None:
+      print(f"--authors_code={args.authors_code!r} has no nets/resnet.py: "
+            f"no authors' column", file=sys.stderr)
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   precisions = [p.strip().lower() for p in args.precisions.split(",")
                 if p.strip()]
@@ -812,9 +1084,9 @@ def main(argv=None):
     x, y = make_data(args.batch, args.seed)
     compiled_cache: Dict[Any, Any] = {}
     jax_runners, torch_runners, checks = {}, {}, {}
-    default_runners = {}
+    default_runners, authors_runners = {}, {}
     sides = (("jax", jax_runners), ("jax_default", default_runners),
-             ("torch", torch_runners))
+             ("torch", torch_runners), ("authors", authors_runners))
     times = {c: {side: [] for side, _ in sides} for c in configs}
     cpu_times = {c: {side: [] for side, _ in sides} for c in configs}
     # One config at a time (its runners interleaved round by round), then
@@ -846,6 +1118,14 @@ def main(argv=None):
                   checks[c]["grad_cos"] > 0.999):
             raise AssertionError(f"{n} {p}: the PyTorch network does not "
                                  f"match the JAX one: {checks[c]}")
+      if authors is not None and build_authors_net(authors, jr.model,
+                                                   jr.kind, p) is not None:
+        ar = AuthorsRunner(authors, n, p, x, y, jr, args.threads)
+        assert (ar.params, ar.alphas) == (jr.params, jr.alphas), (
+            f"{n} {p}: the authors' net has {ar.params} params + "
+            f"{ar.alphas} alphas, JAX {jr.params} + {jr.alphas}")
+        authors_runners[c] = ar
+        ar.run(args.warmup)
       jr.run(args.warmup)
       if have_torch:
         torch_runners[c].run(args.warmup)
@@ -865,6 +1145,9 @@ def main(argv=None):
                    f"{args.batch / times[c]['jax_default'][-1]:.1f} img/s")
         if times[c]["torch"]:
           line += f", PyTorch {args.batch / times[c]['torch'][-1]:.1f} img/s"
+        if times[c]["authors"]:
+          line += (f", authors' code "
+                   f"{args.batch / times[c]['authors'][-1]:.1f} img/s")
         print(line, flush=True)
       for _, runners in sides:
         if c in runners:
@@ -872,10 +1155,19 @@ def main(argv=None):
       gc.collect()
     load_end = os.getloadavg()
 
+    passive = {}
+    if have_torch and args.passive:
+      for n, p in configs:
+        print(f"PASSIVE child: {n} {p}", flush=True)
+        passive[n, p] = measure_passive(n, p, args)
+
     rss = {}
     if not args.skip_memory:
       for n, p in configs:
-        for side in ("jax", "torch") if have_torch else ("jax",):
+        sides_rss = ("jax", "torch") if have_torch else ("jax",)
+        if (n, p) in authors_runners:
+          sides_rss += ("authors",)
+        for side in sides_rss:
           print(f"peak RSS: {side} {n} {p}", flush=True)
           rss[side, n, p] = measure_rss(side, n, p, args, cache_dir)
   finally:
@@ -900,6 +1192,16 @@ def main(argv=None):
             f"{med_ratio(tt, jt):.2f}x" if tt else "–"]
     if args.xla_defaults:
       row.append(f"{med_ratio(tt, dt):.2f}x" if tt else "–")
+    if authors is not None:
+      at = times[c]["authors"]
+      row += [rate_cell([args.batch / t for t in at]),
+              f"{med_ratio(at, jt):.2f}x" if at else "–"]
+    if args.passive and have_torch:
+      pt = passive.get(c, {})
+      row.append(rate_cell([args.batch / t for t in pt.get("torch", [])]))
+      if authors is not None:
+        row.append(rate_cell([args.batch / t
+                              for t in pt.get("authors", [])]))
     rows.append(row)
   columns = ["model", "bits", "params", "JAX img/s"]
   if args.xla_defaults:
@@ -907,6 +1209,12 @@ def main(argv=None):
   columns += ["PyTorch img/s", "JAX / PyTorch"]
   if args.xla_defaults:
     columns.append("JAX with XLA defaults / PyTorch")
+  if authors is not None:
+    columns += ["authors' code img/s", "JAX / authors"]
+  if args.passive and have_torch:
+    columns.append("PyTorch img/s, PASSIVE")
+    if authors is not None:
+      columns.append("authors' code img/s, PASSIVE")
   table = common.markdown_table(columns, rows)
 
   cpu_rows = []
@@ -926,19 +1234,22 @@ def main(argv=None):
        "JAX / PyTorch", "cores busy JAX / PyTorch"], cpu_rows)
 
   overhead_rows = []
-  if "float" in precisions:
+  for base in ("float", "fp"):
+    if base not in precisions:
+      continue
     for n in names:
       for p in precisions:
-        if p == "float":
+        if p in ("float", "fp"):
           continue
-        cells = [n, f"{precision_label(p)} / float"]
-        for side in ("jax", "torch"):
-          t_q, t_f = times[n, p][side], times[n, "float"][side]
-          cells.append(f"{med_ratio(t_q, t_f):.3f}x" if t_q else "–")
+        cells = [n, f"{precision_label(p)} / {base}"]
+        for side in ("jax", "torch") + (("authors",) if authors else ()):
+          t_q, t_f = times[n, p][side], times[n, base][side]
+          cells.append(f"{med_ratio(t_q, t_f):.3f}x" if t_q and t_f else "–")
         overhead_rows.append(cells)
   overhead = common.markdown_table(
-      ["model", "step time ratio", "JAX", "PyTorch"], overhead_rows) \
-      if overhead_rows else ""
+      ["model", "step time ratio", "JAX", "PyTorch"] +
+      (["authors' code"] if authors else []),
+      overhead_rows) if overhead_rows else ""
 
   mem_rows = []
   for c in configs:
@@ -947,10 +1258,14 @@ def main(argv=None):
     mem_rows.append([n, precision_label(p), mib(m["total"]), mib(m["temp"]),
                      mib(m["argument"]), mib(m["output"]), mib(m["alias"]),
                      mib(rss.get(("jax", n, p))),
-                     mib(rss.get(("torch", n, p)))])
+                     mib(rss.get(("torch", n, p)))] +
+                    ([mib(rss.get(("authors", n, p)))]
+                     if authors is not None else []))
   memory = common.markdown_table(
       ["model", "bits", "JAX XLA total", "temp", "args", "outputs",
-       "aliased", "JAX peak RSS Δ", "PyTorch peak RSS Δ"], mem_rows)
+       "aliased", "JAX peak RSS Δ", "PyTorch peak RSS Δ"] +
+      (["authors' code peak RSS Δ"] if authors is not None else []),
+      mem_rows)
 
   check_lines = ""
   if checks:
@@ -963,7 +1278,9 @@ def main(argv=None):
   losses = ", ".join(
       f"{n} {p}: JAX {jax_runners[n, p].loss:.3f}" +
       (f" / PyTorch {torch_runners[n, p].loss:.3f}"
-       if (n, p) in torch_runners else "") for n, p in configs)
+       if (n, p) in torch_runners else "") +
+      (f" / authors {authors_runners[n, p].loss:.3f}"
+       if (n, p) in authors_runners else "") for n, p in configs)
 
   header = (
       f"# Training-step throughput (train_throughput.py)\n\n"
@@ -973,9 +1290,11 @@ def main(argv=None):
       f"Median over {args.rounds} interleaved rounds x {args.steps} steps "
       f"(after {args.warmup} warm-up steps); img/s cells give median "
       f"(min–max); ratios are medians of per-round ratios.  JAX bits: "
-      f"{args.bits}.\n\n{env}; load average "
-      f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
-      f"(other jobs share the CPU).\n\n")
+      f"{args.bits}.\n\n{env}.\n\n")
+  machine = (f"CPU: {cpu_model()} ({os.cpu_count()} CPUs); load average "
+             f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end"
+             f"{' (other jobs shared the CPU)' if load_start[0] > 0.5 else ''}"
+             f".\n\n")
   notes = (
       "\nNotes:\n\n"
       "* JAX img/s: the step compiled as the trainers compile it, with "
@@ -1001,20 +1320,31 @@ def main(argv=None):
       "live tensors.\n"
       "* PyTorch: eager, NCHW, default oneDNN convolutions, "
       "`torch.optim.SGD` (for-loop implementation).\n"
-      "* OMP_WAIT_POLICY (torch's libgomp threads): with the default "
-      "active spinning, torch with 2 threads on this shared 2-core machine "
-      "ran 5-10x slower whenever other jobs were running (a thread spins at "
-      "every barrier while its partner is descheduled); the benchmark "
-      "therefore sets PASSIVE unless told otherwise "
-      "(`--omp_wait_policy`).\n"
+      "* PyTorch runs at its defaults (OMP_WAIT_POLICY as in the "
+      "environment, shown above, unless `--omp_wait_policy` is given).  "
+      "With libgomp's default active spinning, 2-thread torch ran 5-10x "
+      "slower on the 2-core machine whenever other jobs were running, and "
+      "PASSIVE cost it 15-25% on a quiet machine; `--passive` adds PyTorch "
+      "columns measured with PASSIVE in a child process (after the "
+      "interleaved rounds, so not interleaved with JAX).\n"
+      "* authors' code (`--authors_code=PATH`): the networks of "
+      "BGUCompSci/CNNQuantizationThroughPDEs `nets/resnet.py` / "
+      "`nets/stable_resnet.py`, imported from PATH at run time (not copied "
+      "here), with the JAX model's stages and widths (Stable ResNet: "
+      "`stable=True`, `stability_coeff` = h), their quantizers at the row's "
+      "bits (none for fp; their code has no clip-only float network: –), "
+      "their own initialisation, trained by the same SGD loop as the "
+      "PyTorch column.  Parameter and α counts are asserted equal to the "
+      "JAX model's.\n"
       f"* final losses: {losses}.\n")
-  text = (header + table +
+  text = (header + machine + table +
           "\nCPU time per step (user + system of the process, all threads; "
           "less sensitive to other jobs than wall time; the ratio is in "
-          "throughput per CPU-second):\n\n" + cpu_table +
-          ("\nStep time relative to float (clip only), e.g. the cost of "
-           "4W4A rounding:\n\n" + overhead if overhead else "") +
-          "\nPeak memory of the training step:\n\n" + memory + "\n" +
+          "throughput per CPU-second):\n\n" + machine + cpu_table +
+          ("\nStep time relative to float (clip only) or fp (no "
+           "quantizers), e.g. the cost of 4W4A quantization:\n\n" + machine + overhead if overhead else "") +
+          "\nPeak memory of the training step:\n\n" + machine + memory +
+          "\n" +
           check_lines + notes)
   print("\n" + text)
   if args.output:

@@ -101,8 +101,10 @@ def test_fp_step_is_not_slower_than_4w4a():
   sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
   import train_throughput  # pylint: disable=import-outside-toplevel
   from pdeq_jax.models import resnet  # pylint: disable=import-outside-toplevel
-  make = lambda q: resnet.ResNet(10, stage_sizes=(9,), widths=(16,),
-                                 quantize_weights=q, quantize_activations=q)
+  from pdeq_jax.models.switches import ModelSwitches  # pylint: disable=import-outside-toplevel
+  make = lambda q: resnet.ResNet(
+      10, stage_sizes=(9,), widths=(16,),
+      switches=ModelSwitches(quantize_weights=q, quantize_activations=q))
   r = train_throughput.fp_step_ratio(make(False), make(True), "4w4a",
                                      batch=128, rounds=3, steps=1, warmup=1)
   assert r["cpu_ratio"] <= 1.5, r

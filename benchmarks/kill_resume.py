@@ -158,7 +158,7 @@ def kill_and_restart(args: Sequence[str], workdir: pathlib.Path, *,
 
 
 def final_state(workdir: pathlib.Path) -> Dict[str, Any]:
-  """results.json without timings, metrics lines, final checkpoint arrays."""
+  """results.json and metrics lines without timings, final checkpoint arrays."""
   from train import common  # pylint: disable=import-outside-toplevel
   results = json.loads((workdir / "results.json").read_text())
   for key in TIMING_KEYS:
@@ -170,7 +170,9 @@ def final_state(workdir: pathlib.Path) -> Dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
             jax.tree_util.tree_flatten_with_path(tree)[0]}
-  return {"results": results, "metrics": common.MetricWriter(workdir).read(),
+  metrics = [{k: v for k, v in line.items() if k not in TIMING_KEYS}
+             for line in common.MetricWriter(workdir).read()]
+  return {"results": results, "metrics": metrics,
           "step": step, "arrays": leaves}
 
 

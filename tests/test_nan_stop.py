@@ -161,11 +161,12 @@ def test_a_diverged_sweep_trial_ranks_last_and_the_sweep_goes_on(
   from train import sweep  # pylint: disable=import-outside-toplevel
   calls = []
 
-  def fake_trial(trainer, config, trial_dir, seeds_per_trial):
+  def fake_trial(trainer, config, trial_dir, seeds_per_trial, *unused):
     calls.append(trial_dir.name)
     if len(calls) == 1:
       raise common.NonFiniteError("training diverged: loss = nan at epoch 3")
-    return {"val_acc": 0.5, "test_acc": 0.4, "best_epoch": 7}
+    return {"val_acc": 0.5, "test_acc": 0.4, "best_epoch": 7, "act_mse": None,
+            "val_acc_per_seed": [0.5]}
   monkeypatch.setattr(sweep, "_train_trial", fake_trial)
   best = sweep.run_sweep(_gcn_config(data_dir), str(tmp_path), trials=2,
                          space="dropout", verbose=False)

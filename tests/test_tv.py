@@ -471,25 +471,25 @@ def test_non_scalar_gamma_raises():
 
 def test_every_tv_default_is_the_one_non_expansive_gamma():
   import dataclasses
-  import inspect
   from configs import deeplab as deeplab_configs
   from configs import tv_pipeline
   from pdeq_jax import layers
   from pdeq_jax.models import deeplabv3, resnet, resnet50
+  from pdeq_jax.models.switches import ModelSwitches
 
   gamma, eps = tv.NON_EXPANSIVE_GAMMA, tv.DEFAULT_EPS
   assert gamma == 0.015 and eps == 1e-3
   assert float(tv.tv_jacobian_bound(gamma, eps)) == 1.0
   assert float(tv.tv_jacobian_bound(0.1, eps)) == pytest.approx(79.0)
-  defaults = {f"{cls.__name__}.{f.name}": f.default
-              for cls in (resnet.BasicBlock, resnet.ResNet,
-                          resnet50.ImageNetStem, resnet50.Bottleneck,
-                          resnet50.BottleneckResNet, deeplabv3.ASPP,
-                          deeplabv3.DeepLabHead, deeplabv3.DeepLabV3)
-              for f in dataclasses.fields(cls) if f.name == "tv_gamma_init"}
-  assert len(defaults) == 8 and set(defaults.values()) == {gamma}, defaults
-  assert inspect.signature(resnet50.relu_or_tv).parameters[
-      "gamma_init"].default == gamma
+  # the CNNs take their TV switches from one spec (no per-model default)
+  assert ModelSwitches().tv_gamma_init == gamma
+  per_model = [f"{cls.__name__}.{f.name}"
+               for cls in (resnet.BasicBlock, resnet.ResNet,
+                           resnet50.ImageNetStem, resnet50.Bottleneck,
+                           resnet50.BottleneckResNet, deeplabv3.ASPP,
+                           deeplabv3.DeepLabHead, deeplabv3.DeepLabV3)
+               for f in dataclasses.fields(cls) if f.name == "tv_gamma_init"]
+  assert not per_model, per_model
   act = layers.TVActivation()
   assert (act.gamma_init, act.eps) == (gamma, eps)
   assert deeplab_configs.get_config(

@@ -441,7 +441,8 @@ def _rows(study: optuna.Study, keys) -> list:
                  **{k: t.params[k] for k in keys},
                  "val_acc": t.value, "test_acc": a.get("test_acc"),
                  "best_epoch": a.get("best_epoch"),
-                 "act_mse": a.get("act_mse"), "pruned_at": a.get("pruned_at")})
+                 "act_mse": a.get("act_mse"), "pruned_at": a.get("pruned_at"),
+                 **({"diverged": True} if "diverged" in a else {})})
   complete = sorted((r for r in rows if r["state"] == "complete"),
                     key=lambda r: (-r["val_acc"], r["trial"]))
   return complete + [r for r in rows if r["state"] != "complete"]

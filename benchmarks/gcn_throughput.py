@@ -52,8 +52,38 @@ def jax_epoch_fn(config):
   return epoch, task
 
 
-def torch_epoch_fn(config, task, threads: int):
+def torch_hash_keep_mask(torch, seed: int, shape, keep: float):
+  """``pdeq_jax.models.pde_gcn.hash_keep_mask`` in eager PyTorch (int64 ops).
+
+  The same murmur3-style finaliser of ``index * golden + seed`` on 32-bit
+  words (kept in int64 and masked; products wrap mod 2^64, so the low 32
+  bits are exact), the same threshold: bit-identical masks for the same
+  seed (``tests/test_benchmarks.py``).
+  """
+  mask32 = 0xFFFFFFFF
+  v = torch.arange(int(np.prod(shape)), dtype=torch.int64)
+  v = (v * 0x9E3779B1 + (seed & mask32)) & mask32
+  v = v ^ (v >> 16)
+  v = (v * 0x85EBCA6B) & mask32
+  v = v ^ (v >> 13)
+  v = (v * 0xC2B2AE35) & mask32
+  v = v ^ (v >> 16)
+  threshold = min(int(keep * 2.0 ** 32), 2 ** 32 - 1)
+  return (v < threshold).reshape(shape)
+
+
+def torch_epoch_fn(config, task, threads: int, edge_mask: str = "bernoulli"):
+  """A PyTorch epoch; ``edge_mask``: the edge dropout's mask.
+
+  ``bernoulli``: ``torch.nn.functional.dropout`` (PyTorch's own); ``hash``:
+  the counter-based hash mask the JAX side draws (:func:`torch_hash_keep_mask`,
+  two seeds per layer).  Input and output dropout are Bernoulli on both
+  sides (``jax.random`` on the JAX side).
+  """
   import torch  # pylint: disable=import-outside-toplevel
+  if edge_mask not in ("bernoulli", "hash"):
+    raise ValueError(f"edge_mask must be 'bernoulli' or 'hash', got "
+                     f"{edge_mask!r}")
   torch.set_num_threads(threads)
   torch.manual_seed(0)
 
@@ -116,6 +146,14 @@ def torch_epoch_fn(config, task, threads: int):
 
     def forward(self, values):
       drop = torch.nn.functional.dropout
+      keep = 1.0 - m.dropout_edges
+
+      def edge_drop(g):
+        if edge_mask == "bernoulli":
+          return drop(g, m.dropout_edges, True)
+        seed = int(torch.randint(0, 2 ** 32, ()))
+        return torch.where(torch_hash_keep_mask(torch, seed, g.shape, keep),
+                           g / keep, 0.0)
       values = drop(values, m.dropout_in, self.training)
       x = torch.sparse.mm(torch.sparse_coo_tensor(feat_index, values,
                                                   feature_shape), self.open)
@@ -127,8 +165,8 @@ def torch_epoch_fn(config, task, threads: int):
         kernel = self.kernel[j]
         if self.training and m.dropout_edges > 0:
           g = weights * (x[senders] - x[receivers])
-          fwd = torch.tanh(drop(g, m.dropout_edges, True) @ kernel)
-          bwd = torch.tanh(-drop(g, m.dropout_edges, True) @ kernel)
+          fwd = torch.tanh(edge_drop(g) @ kernel)
+          bwd = torch.tanh(-edge_drop(g) @ kernel)
         else:
           xk = x @ kernel
           fwd = torch.tanh(weights * (xk[senders] - xk[receivers]))
@@ -186,6 +224,10 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--torch_masks", default="bernoulli,hash",
+                      help="PyTorch edge-dropout masks to time, one column "
+                      "each: bernoulli (torch's dropout), hash (the JAX "
+                      "side's counter-based hash mask)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   try:
@@ -195,34 +237,68 @@ def main():
     have_torch = True
   except ImportError:
     have_torch = False
+  masks = [k.strip() for k in args.torch_masks.split(",") if k.strip()]
+  for k in masks:
+    if k not in ("bernoulli", "hash"):
+      raise ValueError(f"--torch_masks: {k!r} is not one of bernoulli, hash")
+  if not masks:
+    have_torch = False
+  load_start = os.getloadavg()
   rows = []
   for dataset in args.datasets.split(","):
     for precision in args.precisions.split(","):
       for form in args.forms.split(","):
         config = gcn_configs.get_config(f"{dataset},{form},{precision}")
         jax_fn, task = jax_epoch_fn(config)
-        torch_fn = torch_epoch_fn(config, task, args.threads) if have_torch \
-            else None
+        torch_fns = {k: torch_epoch_fn(config, task, args.threads, k)
+                     for k in masks} if have_torch else {}
         jax_fn()  # compile
-        if torch_fn:
-          torch_fn()
-        jax_rates, torch_rates = [], []
+        for fn in torch_fns.values():
+          fn()
+        jax_rates = []
+        torch_rates = {k: [] for k in torch_fns}
         for _ in range(args.rounds):
           jax_rates.append(measure(jax_fn, args.epochs))
-          if torch_fn:
-            torch_rates.append(measure(torch_fn, args.epochs))
+          for k, fn in torch_fns.items():
+            torch_rates[k].append(measure(fn, args.epochs))
         j = statistics.median(jax_rates)
-        t = statistics.median(torch_rates) if torch_rates else float("nan")
-        rows.append([dataset, form, precision.upper(), config.model.width,
-                     f"{j:.2f}", f"{t:.2f}", f"{j / t:.2f}x" if torch_rates
-                     else "–"])
+        row = [dataset, form, precision.upper(), config.model.width,
+               f"{j:.2f}"]
+        for k in masks:
+          row.append(f"{statistics.median(torch_rates[k]):.2f}"
+                     if torch_rates.get(k) else "–")
+        if torch_fns:
+          # Headline: against the faster PyTorch variant (per round).
+          best = [max(r) for r in zip(*torch_rates.values())]
+          row.append(f"{j / statistics.median(best):.2f}x")
+        else:
+          row.append("–")
+        rows.append(row)
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
+  load_end = os.getloadavg()
+  mask_names = {"bernoulli": "PyTorch epochs/s (Bernoulli edge dropout)",
+                "hash": "PyTorch epochs/s (hash edge dropout, as JAX)"}
   table = common.markdown_table(
-      ["dataset", "form", "bits", "width", "pdeq-jax epochs/s",
-       "PyTorch epochs/s", "ratio"], rows)
+      ["dataset", "form", "bits", "width", "pdeq-jax epochs/s"] +
+      [mask_names[k] for k in masks] +
+      ["ratio (vs the faster PyTorch column)"], rows)
+  cpu = "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f
+                 if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
   header = (f"PDE-GCN_D, 32 layers, full-batch epoch = train step + eval "
             f"forward; {args.threads} CPU threads; median of {args.rounds} "
-            f"rounds x {args.epochs} epochs; jax {jax.__version__}\n\n")
+            f"rounds x {args.epochs} epochs; jax {jax.__version__}.  "
+            f"CPU: {cpu} ({os.cpu_count()} CPUs); load average "
+            f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end.  "
+            f"Edge dropout: pdeq-jax draws counter-based hash masks; the "
+            f"PyTorch columns draw Bernoulli masks (torch's dropout) or the "
+            f"same hash masks in eager int64 ops; input/output dropout is "
+            f"Bernoulli on both sides.  The ratio divides by the faster "
+            f"PyTorch column, round by round.\n\n")
   print(header + table)
   if args.out:
     with open(args.out, "w") as f:

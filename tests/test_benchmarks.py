@@ -3,6 +3,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -108,3 +110,20 @@ def test_fp_step_is_not_slower_than_4w4a():
   r = train_throughput.fp_step_ratio(make(False), make(True), "4w4a",
                                      batch=128, rounds=3, steps=1, warmup=1)
   assert r["cpu_ratio"] <= 1.5, r
+
+
+def test_gcn_torch_hash_mask_equals_the_jax_mask():
+  """The PyTorch column's hash dropout draws the JAX side's masks exactly."""
+  torch = pytest.importorskip("torch")
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import gcn_throughput  # pylint: disable=import-outside-toplevel
+  from pdeq_jax.models import pde_gcn  # pylint: disable=import-outside-toplevel
+  for seed in (0, 1, 12345, 2 ** 32 - 1):
+    for keep in (0.5, 0.9):
+      want = np.asarray(pde_gcn.hash_keep_mask(jnp.uint32(seed), (37, 5),
+                                               keep))
+      got = gcn_throughput.torch_hash_keep_mask(torch, seed, (37, 5),
+                                                keep).numpy()
+      np.testing.assert_array_equal(got, want)

@@ -1,0 +1,155 @@
+"""Scanned blocks (``scan_blocks=True``): layout conversion and equivalence.
+
+The unrolled model is the reference: its variables, converted with
+``stack_blocks``, must give the scanned model the same logits, hidden
+outputs, BatchNorm updates, TV inputs and gradients (converted back).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar
+from pdeq_jax import layers
+from pdeq_jax import models
+from pdeq_jax.models import resnet
+from pdeq_jax.models import scan_blocks
+from pdeq_jax.models import stable_resnet
+from pdeq_jax.models.switches import ModelSwitches
+from train import validate
+
+TINY = dict(num_classes=3, stage_sizes=(3, 2), widths=(4, 8))
+BITS = layers.QuantBits.make(4, 4)
+
+
+def _pair(cls, **kw):
+  return cls(**TINY, **kw), cls(**TINY, scan_blocks=True, **kw)
+
+
+MODELS = {
+    "resnet": lambda: _pair(resnet.ResNet),
+    "resnet_tv": lambda: _pair(resnet.ResNet, switches=ModelSwitches(
+        tv_activation=True)),
+    "stable": lambda: _pair(stable_resnet.StableResNet),
+    "stable_clean": lambda: _pair(stable_resnet.StableResNet,
+                                  clean_form=True),
+}
+
+
+def _images(n=2, size=8):
+  return jax.random.normal(jax.random.PRNGKey(1), (n, size, size, 3))
+
+
+def _close(a, b):
+  jax.tree_util.tree_map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5),
+      a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(kind):
+  """The unrolled pair's variables (the reference), shared by the tests."""
+  unrolled, _ = MODELS[kind]()
+  return jax.jit(unrolled.init)(jax.random.PRNGKey(0), _images())
+
+
+def test_stack_unstack_layout_and_round_trip():
+  _, scanned = MODELS["resnet"]()
+  v0 = _init("resnet")
+  v1 = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), _images())
+  stacked = scan_blocks.stack_blocks(v0)
+  # the scanned model's own tree, shapes included
+  assert (jax.tree_util.tree_structure(stacked)
+          == jax.tree_util.tree_structure(v1))
+  assert jax.tree_util.tree_map(jnp.shape, stacked) == \
+      jax.tree_util.tree_map(jnp.shape, v1)
+  assert set(stacked["params"]) == {"stem", "head", "stage1_block1",
+                                    "stage1_blocks", "stage2_block1",
+                                    "stage2_blocks"}
+  k = stacked["params"]["stage1_blocks"]["block"]["conv1"]["kernel"]
+  assert k.shape == (2, 3, 3, 4, 4)
+  np.testing.assert_array_equal(
+      k[1], v0["params"]["stage1_block3"]["conv1"]["kernel"])
+  # exact inverse, on variables and on a bare params tree
+  back = scan_blocks.unstack_blocks(stacked)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, v0)
+  assert (jax.tree_util.tree_structure(back)
+          == jax.tree_util.tree_structure(v0))
+  p = scan_blocks.unstack_blocks(scan_blocks.stack_blocks(v0["params"]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p, v0["params"])
+
+
+def _outputs(model, labels):
+  """Jitted: eval logits and hidden outputs, train-mode gradients and
+  BatchNorm updates (one compilation per model)."""
+  x = _images()
+
+  def run(variables):
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    logits, hidden = model.apply(variables, x, BITS, return_hidden=True)
+
+    def loss(p):
+      out, new_state = model.apply({"params": p, **state}, x, BITS,
+                                   train=True, mutable=list(state))
+      return (-jnp.mean(jax.nn.log_softmax(out)[jnp.arange(2), labels]),
+              new_state)
+    grads, new_state = jax.grad(loss, has_aux=True)(params)
+    return logits, hidden, grads, new_state
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "stable", "stable_clean"])
+def test_scanned_matches_unrolled(kind):
+  unrolled, scanned = MODELS[kind]()
+  labels = jnp.array([0, 2])
+  v0 = _init(kind)
+  o0, h0, g0, s0 = _outputs(unrolled, labels)(v0)
+  o1, h1, g1, s1 = _outputs(scanned, labels)(scan_blocks.stack_blocks(v0))
+  assert len(h0) == len(h1) == 5  # every block's output, in order
+  _close(o0, o1)
+  _close(h0, h1)
+  g1, s1 = scan_blocks.unstack_blocks(g1), scan_blocks.unstack_blocks(s1)
+  assert jax.tree_util.tree_structure(g1) == jax.tree_util.tree_structure(g0)
+  _close(g1, g0)
+  _close(s1, s0)
+
+
+def test_tv_inputs_collection_unstacks():
+  unrolled, scanned = MODELS["resnet_tv"]()
+  x = _images()
+  v0 = _init("resnet_tv")
+  record = lambda m, v: jax.jit(lambda v: m.apply(
+      v, x, BITS, mutable=["tv_inputs"])[1])(v)
+  r0 = record(unrolled, v0)
+  r1 = scan_blocks.unstack_blocks(
+      record(scanned, scan_blocks.stack_blocks(v0)))
+  assert (jax.tree_util.tree_structure(r1)
+          == jax.tree_util.tree_structure(r0))
+  _close(r1, r0)
+
+
+def test_conversion_errors():
+  v = {"stage1_block1": {"w": jnp.ones(1)}, "stage1_block3": {"w": jnp.ones(1)}}
+  with pytest.raises(ValueError, match="not consecutive"):
+    scan_blocks.stack_blocks(v)
+  with pytest.raises(ValueError, match="exactly"):
+    scan_blocks.unstack_blocks({"stage1_blocks": {"other": {}}})
+
+
+def test_config_switch_and_validation():
+  config = cifar.get_config("resnet20,cifar10,4w4a,cpu")
+  assert config.model.scan_blocks is False
+  config.model.scan_blocks = True
+  model = models.create(config.model.name, 10, scan_blocks=True)
+  assert model.scan_blocks
+  assert "scan_blocks" in cifar.get_config("stable_resnet56,cifar10,4w4a").model
+  assert "scan_blocks" not in cifar.get_config("mobilenetv2,cifar10,4w4a").model
+  config = cifar.get_config("resnet20,cifar10,4w4a,cpu")
+  config.model.name = "mobilenetv2"
+  config.model.scan_blocks = True
+  with pytest.raises(validate.ConfigError, match="scan_blocks"):
+    validate.image(config, num_devices=1)

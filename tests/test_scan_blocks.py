@@ -21,7 +21,7 @@ from pdeq_jax.models import stable_resnet
 from pdeq_jax.models.switches import ModelSwitches
 from train import validate
 
-TINY = dict(num_classes=3, stage_sizes=(3, 2), widths=(4, 8))
+TINY = dict(num_classes=3, stage_sizes=(3, 1), widths=(4, 8))
 BITS = layers.QuantBits.make(4, 4)
 
 
@@ -30,7 +30,6 @@ def _pair(cls, **kw):
 
 
 MODELS = {
-    "resnet": lambda: _pair(resnet.ResNet),
     "resnet_tv": lambda: _pair(resnet.ResNet, switches=ModelSwitches(
         tv_activation=True)),
     "stable": lambda: _pair(stable_resnet.StableResNet),
@@ -57,8 +56,8 @@ def _init(kind):
 
 
 def test_stack_unstack_layout_and_round_trip():
-  _, scanned = MODELS["resnet"]()
-  v0 = _init("resnet")
+  _, scanned = MODELS["resnet_tv"]()
+  v0 = _init("resnet_tv")
   v1 = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), _images())
   stacked = scan_blocks.stack_blocks(v0)
   # the scanned model's own tree, shapes included
@@ -66,9 +65,9 @@ def test_stack_unstack_layout_and_round_trip():
           == jax.tree_util.tree_structure(v1))
   assert jax.tree_util.tree_map(jnp.shape, stacked) == \
       jax.tree_util.tree_map(jnp.shape, v1)
+  # a stage of one block has nothing to scan
   assert set(stacked["params"]) == {"stem", "head", "stage1_block1",
-                                    "stage1_blocks", "stage2_block1",
-                                    "stage2_blocks"}
+                                    "stage1_blocks", "stage2_block1"}
   k = stacked["params"]["stage1_blocks"]["block"]["conv1"]["kernel"]
   assert k.shape == (2, 3, 3, 4, 4)
   np.testing.assert_array_equal(
@@ -83,14 +82,15 @@ def test_stack_unstack_layout_and_round_trip():
 
 
 def _outputs(model, labels):
-  """Jitted: eval logits and hidden outputs, train-mode gradients and
-  BatchNorm updates (one compilation per model)."""
+  """Jitted: eval logits, hidden outputs and recorded TV inputs, train-mode
+  gradients and BatchNorm updates (one compilation per model)."""
   x = _images()
 
   def run(variables):
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-    logits, hidden = model.apply(variables, x, BITS, return_hidden=True)
+    (logits, hidden), recorded = model.apply(
+        variables, x, BITS, return_hidden=True, mutable=["tv_inputs"])
 
     def loss(p):
       out, new_state = model.apply({"params": p, **state}, x, BITS,
@@ -98,38 +98,28 @@ def _outputs(model, labels):
       return (-jnp.mean(jax.nn.log_softmax(out)[jnp.arange(2), labels]),
               new_state)
     grads, new_state = jax.grad(loss, has_aux=True)(params)
-    return logits, hidden, grads, new_state
+    return logits, hidden, recorded, grads, new_state
   return jax.jit(run)
 
 
-@pytest.mark.parametrize("kind", ["resnet", "stable", "stable_clean"])
+@pytest.mark.parametrize("kind", ["resnet_tv", "stable", "stable_clean"])
 def test_scanned_matches_unrolled(kind):
   unrolled, scanned = MODELS[kind]()
   labels = jnp.array([0, 2])
   v0 = _init(kind)
-  o0, h0, g0, s0 = _outputs(unrolled, labels)(v0)
-  o1, h1, g1, s1 = _outputs(scanned, labels)(scan_blocks.stack_blocks(v0))
-  assert len(h0) == len(h1) == 5  # every block's output, in order
+  o0, h0, r0, g0, s0 = _outputs(unrolled, labels)(v0)
+  o1, h1, r1, g1, s1 = _outputs(scanned, labels)(scan_blocks.stack_blocks(v0))
+  assert len(h0) == len(h1) == 4  # every block's output, in order
   _close(o0, o1)
   _close(h0, h1)
+  r1 = scan_blocks.unstack_blocks(r1)  # TV inputs (resnet_tv), per block
+  assert jax.tree_util.tree_structure(r1) == jax.tree_util.tree_structure(r0)
+  assert bool(r0) == (kind == "resnet_tv")
+  _close(r1, r0)
   g1, s1 = scan_blocks.unstack_blocks(g1), scan_blocks.unstack_blocks(s1)
   assert jax.tree_util.tree_structure(g1) == jax.tree_util.tree_structure(g0)
   _close(g1, g0)
   _close(s1, s0)
-
-
-def test_tv_inputs_collection_unstacks():
-  unrolled, scanned = MODELS["resnet_tv"]()
-  x = _images()
-  v0 = _init("resnet_tv")
-  record = lambda m, v: jax.jit(lambda v: m.apply(
-      v, x, BITS, mutable=["tv_inputs"])[1])(v)
-  r0 = record(unrolled, v0)
-  r1 = scan_blocks.unstack_blocks(
-      record(scanned, scan_blocks.stack_blocks(v0)))
-  assert (jax.tree_util.tree_structure(r1)
-          == jax.tree_util.tree_structure(r0))
-  _close(r1, r0)
 
 
 def test_conversion_errors():

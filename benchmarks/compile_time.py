@@ -17,12 +17,16 @@ cache).  Per build:
 * ``compile``: XLA's compilation of it, wall and process CPU seconds;
 * ``first step``: lower + compile + the first call (what a run waits for
   before its first step), and ``init + first step``;
-* ``step``: the median wall time of ``--steps`` further steps.
+* ``step``: the median wall time of ``--steps`` further steps;
+* the trainer's evaluation step (forward only, ``make_eval_step``):
+  lower + compile, and the median of ``max(--steps, 1)`` calls.
 
-A probe isolates why the scanned step runs slower on XLA:CPU: ``--probe_layers``
-3x3 convolutions (16 channels, batch 32, 32x32, ReLU) unrolled or under
-``jax.lax.scan``, forward, gradient in the input only and in the kernels
-only (``--skip_probe`` skips it).
+A probe isolates why a plain scan runs slower on XLA:CPU: ``--probe_layers``
+3x3 convolutions (16 channels, batch 32, 32x32, ReLU) unrolled, under
+``jax.lax.scan``, and under ``jax.lax.scan`` with
+``operators.canonical_conv_grads()`` (what ``scan_blocks`` uses): forward,
+gradient in the input only and in the kernels only (``--skip_probe`` skips
+it).
 
 Cells are medians over rounds; ratios are unrolled / scanned of the per-round
 values.  The CPU model and load average are printed: on a shared machine the
@@ -48,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import cifar  # pylint: disable=wrong-import-position
 from pdeq_jax import layers  # pylint: disable=wrong-import-position
+from pdeq_jax import operators  # pylint: disable=wrong-import-position
 from pdeq_jax import xla_options  # pylint: disable=wrong-import-position
 from train import classify  # pylint: disable=wrong-import-position
 
@@ -106,11 +111,25 @@ def measure(name: str, scan: bool, precision: str, batch: int,
     times.append(time.perf_counter() - s0)
   if not np.isfinite(float(metrics["loss"])):
     raise RuntimeError(f"{name} scan={scan}: non-finite loss")
+  # the evaluation step (forward only), as the trainer's evaluate() runs it
+  evaluate = classify.jit_eval_step(classify.make_eval_step(model), mesh)
+  variables = {"params": state.params, **state.model_state}
+  mask = jnp.ones((batch,), jnp.float32)
+  e0 = time.perf_counter()
+  compiled_eval = evaluate.lower(variables, x, y, mask, bits).compile()
+  e1 = time.perf_counter()
+  jax.block_until_ready(compiled_eval(variables, x, y, mask, bits))
+  eval_times = []
+  for _ in range(max(steps, 1)):
+    s0 = time.perf_counter()
+    jax.block_until_ready(compiled_eval(variables, x, y, mask, bits))
+    eval_times.append(time.perf_counter() - s0)
   return {"init": init_s, "lower": t1 - t0, "compile": t2 - t1,
           "compile_cpu": c2 - c0, "first": t3 - t0,
           "init_first": init_s + t3 - t0,
           "step": statistics.median(times) if times else float("nan"),
-          "hlo_lines": float(lowered.as_text().count("\n"))}
+          "hlo_lines": float(lowered.as_text().count("\n")),
+          "eval_compile": e1 - e0, "eval_step": statistics.median(eval_times)}
 
 
 def conv_probe(layers_n: int, repeats: int = 3) -> List[str]:
@@ -128,12 +147,18 @@ def conv_probe(layers_n: int, repeats: int = 3) -> List[str]:
   def scanned(ks, x):
     return jnp.sum(jax.lax.scan(lambda c, k: (conv(c, k), None), x, ks)[0])
 
+  def scanned_canonical(ks, x):  # what scan_blocks runs
+    def body(c, k):
+      with operators.canonical_conv_grads():
+        return jax.nn.relu(operators.conv(c, k)), None
+    return jnp.sum(jax.lax.scan(body, x, ks)[0])
+
   rows = []
   for what, make in (("forward", lambda f: f),
                      ("gradient in the input", lambda f: jax.grad(f, 1)),
                      ("gradient in the kernels", lambda f: jax.grad(f, 0))):
     cells = []
-    for f in (unrolled, scanned):
+    for f in (unrolled, scanned, scanned_canonical):
       run = xla_options.jit(make(f)).lower(ks, x).compile()
       jax.block_until_ready(run(ks, x))
       t = []
@@ -143,7 +168,8 @@ def conv_probe(layers_n: int, repeats: int = 3) -> List[str]:
         t.append(time.perf_counter() - t0)
       cells.append(statistics.median(t))
     rows.append(f"| {what} | {cells[0]:.3f} | {cells[1]:.3f} | "
-                f"{cells[1] / cells[0]:.1f}x |")
+                f"{cells[2]:.3f} | {cells[1] / cells[0]:.1f}x | "
+                f"{cells[2] / cells[0]:.1f}x |")
     print(rows[-1], flush=True)
   return rows
 
@@ -167,8 +193,8 @@ def table(results: Dict[str, Dict[bool, List[Dict[str, float]]]],
       "interleaved round(s), seconds.", "",
       "| model | blocks | init | lower | compile (wall) | compile (CPU) | "
       "first step | init + first step | step after compile | StableHLO "
-      "lines |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+      "lines | eval step: lower + compile | eval step |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name in args.models:
     for scan in (False, True):
       rows = results[name][scan]
@@ -177,21 +203,25 @@ def table(results: Dict[str, Dict[bool, List[Dict[str, float]]]],
           f"| {med(rows, 'init'):.2f} | {med(rows, 'lower'):.2f} "
           f"| {med(rows, 'compile'):.2f} | {med(rows, 'compile_cpu'):.2f} "
           f"| {med(rows, 'first'):.2f} | {med(rows, 'init_first'):.2f} "
-          f"| {med(rows, 'step'):.3f} | {med(rows, 'hlo_lines'):.0f} |")
+          f"| {med(rows, 'step'):.3f} | {med(rows, 'hlo_lines'):.0f} "
+          f"| {med(rows, 'eval_compile'):.2f} | {med(rows, 'eval_step'):.3f} |")
     a, b = results[name][False], results[name][True]
     lines.append(
         f"| {LABELS.get(name, name)} | **unrolled / scanned** "
         f"| {ratio(a, b, 'init'):.2f}x | {ratio(a, b, 'lower'):.2f}x "
         f"| {ratio(a, b, 'compile'):.2f}x | {ratio(a, b, 'compile_cpu'):.2f}x "
         f"| {ratio(a, b, 'first'):.2f}x | {ratio(a, b, 'init_first'):.2f}x "
-        f"| {ratio(a, b, 'step'):.2f}x | {ratio(a, b, 'hlo_lines'):.2f}x |")
+        f"| {ratio(a, b, 'step'):.2f}x | {ratio(a, b, 'hlo_lines'):.2f}x "
+        f"| {ratio(a, b, 'eval_compile'):.2f}x "
+        f"| {ratio(a, b, 'eval_step'):.2f}x |")
   if args.probe:
     lines += [
         "", f"Probe: {args.probe_layers} 3x3 convolutions (16 channels, "
         "batch 32, 32x32, ReLU), seconds per call (median of 3), same "
         "compiler options as the trainer.", "",
-        "| program | unrolled | `lax.scan` | scan / unrolled |",
-        "|---|---:|---:|---:|"] + args.probe
+        "| program | unrolled | `lax.scan` | `lax.scan`, canonical conv "
+        "gradients | scan / unrolled | canonical scan / unrolled |",
+        "|---|---:|---:|---:|---:|---:|"] + args.probe
   return "\n".join(lines) + "\n"
 
 

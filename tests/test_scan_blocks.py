@@ -15,6 +15,7 @@ import pytest
 from configs import cifar
 from pdeq_jax import layers
 from pdeq_jax import models
+from pdeq_jax import operators
 from pdeq_jax.models import resnet
 from pdeq_jax.models import scan_blocks
 from pdeq_jax.models import stable_resnet
@@ -143,3 +144,36 @@ def test_config_switch_and_validation():
   config.model.scan_blocks = True
   with pytest.raises(validate.ConfigError, match="scan_blocks"):
     validate.image(config, num_devices=1)
+
+
+@pytest.mark.parametrize("size,padding", [(3, "SAME"), (3, ((1, 1), (1, 1))),
+                                          (1, "SAME")])
+def test_canonical_conv_grads_equal_autodiff(size, padding):
+  """The rewritten convolution gradients (used inside scanned blocks) equal
+  autodiff's, to first and second order (the Stable blocks differentiate
+  through an adjoint)."""
+  kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 5, 5, 3))
+  k = jax.random.normal(kk, (size, size, 3, 4))
+  y = jax.random.normal(ky, (2, 5, 5, 4))
+
+  def grads(canonical):
+    def f(x, k):
+      return jnp.sum(jnp.sin(operators.conv(x, k, padding=padding)) * y)
+
+    def second(x, k):  # through the adjoint K^T, as StableBlock
+      adj = operators.adjoint(lambda v: operators.conv(v, k, padding=padding),
+                              x.shape)
+      return jnp.sum(jnp.cos(adj(y)) * x) + jnp.sum(jax.grad(f)(x, k) ** 2)
+
+    def run(x, k):
+      if canonical:
+        with operators.canonical_conv_grads():
+          return jax.grad(f, (0, 1))(x, k), jax.grad(second, (0, 1))(x, k)
+      return jax.grad(f, (0, 1))(x, k), jax.grad(second, (0, 1))(x, k)
+    return jax.jit(run)(x, k)
+
+  _close(grads(True), grads(False))
+  # strided or grouped convolutions keep autodiff's rules
+  with operators.canonical_conv_grads():
+    assert not operators._is_same_stride1(k, 2, padding, 1)  # pylint: disable=protected-access

@@ -17,7 +17,12 @@ exactly (pure reshuffles of the arrays), for variables, a bare params tree
 or anything with the same keys (gradients, optimiser moments); the analysis
 helpers (``stable_resnet.applied_kernels``, TV reports) read the unrolled
 layout.  The default stays unrolled: existing checkpoints, configs and
-imports keep their trees.  A scanned model initialised with the same key
+imports keep their trees, and on XLA:CPU the scanned *training* step runs
+20x slower after compiling: convolution gradients inside a while loop leave
+XLA's fast convolution path (jax-ml/jax#12868; the forward pass is not
+affected).  ``benchmarks/compile_time.py`` measures both sides; on CPU
+``scan_blocks`` only pays off for forward-only programs (evaluation,
+analysis) of deep networks.  Accelerators are not measured here.  A scanned model initialised with the same key
 draws different initial values (scan splits the key per block); convert an
 unrolled initialisation to get the same start.
 """
@@ -30,6 +35,8 @@ from typing import Any, Callable, List, Mapping, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from pdeq_jax import operators
 
 Array = jax.Array
 
@@ -45,7 +52,8 @@ class _Cell(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, bits: Any) -> Tuple[Array, Array]:
-    y = self.make_block(name=_INNER)(x, bits, train=self.train)
+    with operators.canonical_conv_grads():  # fast convolution gradients
+      y = self.make_block(name=_INNER)(x, bits, train=self.train)
     return y, y
 
 

@@ -17,12 +17,16 @@ exactly (pure reshuffles of the arrays), for variables, a bare params tree
 or anything with the same keys (gradients, optimiser moments); the analysis
 helpers (``stable_resnet.applied_kernels``, TV reports) read the unrolled
 layout.  The default stays unrolled: existing checkpoints, configs and
-imports keep their trees, and on XLA:CPU the scanned *training* step runs
-20x slower after compiling: convolution gradients inside a while loop leave
-XLA's fast convolution path (jax-ml/jax#12868; the forward pass is not
-affected).  ``benchmarks/compile_time.py`` measures both sides; on CPU
-``scan_blocks`` only pays off for forward-only programs (evaluation,
-analysis) of deep networks.  Accelerators are not measured here.  A scanned model initialised with the same key
+imports keep their trees.
+
+On XLA:CPU a plain scan of these blocks trained 20x slower once compiled:
+the convolutions of autodiff's transpose rules run on a slow path inside a
+while loop (jax-ml/jax#12868).  The scanned blocks therefore trace their
+stride-1 convolutions under :func:`pdeq_jax.operators.canonical_conv_grads`
+(gradients as NHWC/HWIO convolutions with explicit transposes, same values),
+which brings the step back to the unrolled step's time
+(``benchmarks/compile_time.py`` measures compile and step times).
+A scanned model initialised with the same key
 draws different initial values (scan splits the key per block); convert an
 unrolled initialisation to get the same start.
 """

@@ -24,6 +24,8 @@ import re
 
 import ml_collections
 
+from pdeq_jax import models
+
 FLOAT = 32
 NUM_CLASSES = {"cifar10": 10, "cifar10_jpeg": 10, "cifar100": 100}
 IMAGENET = ("imagenet2012", "imagenet2012_subset")
@@ -83,6 +85,10 @@ def get_config(arg=None):
   config.model.name = model
   if model.startswith("stable_"):
     config.model.h = 0.1
+  if model in models.names() and "scan_blocks" in models.options(model):
+    # blocks 2..n of a stage under nn.scan: faster compile, stacked layout
+    # (pdeq_jax.models.scan_blocks converts checkpoints both ways)
+    config.model.scan_blocks = False
 
   config.quant = ml_collections.ConfigDict()
   config.quant.weight_bits = weight_bits   # 32 = float (no quantizer)

@@ -21,6 +21,8 @@ counts are static).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
                     Sequence, Union)
@@ -72,10 +74,99 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: Padding = "SAME",
                      f"{feature_group_count} group(s)")
   if stride < 1:
     raise ValueError(f"stride must be >= 1, got {stride}")
+  if _CANONICAL_GRADS.get() and _is_same_stride1(kernel, stride, padding,
+                                                 feature_group_count):
+    return _conv_same(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
       dimension_numbers=_DIMENSION_NUMBERS,
       feature_group_count=feature_group_count)
+
+
+# Inside a while loop (nn.scan over blocks) XLA:CPU runs the convolutions of
+# autodiff's transpose rules (swapped kernel dimensions, batch contracted)
+# on a slow path, 15-50x slower than outside a loop (jax-ml/jax#12868,
+# benchmarks/compile_time.py).  Under canonical_conv_grads() a stride-1
+# "same" convolution instead differentiates into NHWC/HWIO convolutions
+# with explicit transposes, which stay on the fast path; the values are the
+# same (a re-association-free rewrite of the same sums).
+_CANONICAL_GRADS = contextvars.ContextVar("pdeq_canonical_conv_grads",
+                                          default=False)
+
+
+@contextlib.contextmanager
+def canonical_conv_grads():
+  """Within this context (at trace time), :func:`conv` of stride 1 with
+  "same" padding differentiates through canonical-layout convolutions
+  (reverse mode only: ``jax.vjp``/``jax.grad``, not ``jax.jvp``)."""
+  token = _CANONICAL_GRADS.set(True)
+  try:
+    yield
+  finally:
+    _CANONICAL_GRADS.reset(token)
+
+
+def _is_same_stride1(kernel: Array, stride: int, padding: Padding,
+                     feature_group_count: int) -> bool:
+  kh, kw = kernel.shape[:2]
+  if stride != 1 or feature_group_count != 1 or kh != kw or kh % 2 == 0:
+    return False
+  p = (kh - 1) // 2
+  if isinstance(padding, str):
+    return padding == "SAME"
+  return tuple(tuple(q) for q in padding) == ((p, p), (p, p))
+
+
+def _raw_same(x: Array, kernel: Array) -> Array:
+  p = (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _flip_swap(kernel: Array) -> Array:
+  """The kernel of the transposed "same" convolution (HWIO)."""
+  return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+@jax.custom_vjp
+def _conv_same(x: Array, kernel: Array) -> Array:
+  return _raw_same(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+  return _raw_same(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(res, dy):
+  x, kernel = res
+  return _conv_same(dy, _flip_swap(kernel)), _kernel_grad(x, dy,
+                                                          kernel.shape[0])
+
+
+_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_grad(x: Array, dy: Array, size: int) -> Array:
+  """``dk[a, b, i, o] = Σ x_pad[n, h + a, w + b, i] dy[n, h, w, o]`` as one
+  NHWC/HWIO convolution (batch ↔ channels transposed explicitly)."""
+  p = (size - 1) // 2
+  dk = jax.lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)),
+      (1, 1), ((p, p), (p, p)), dimension_numbers=_DIMENSION_NUMBERS)
+  return jnp.transpose(dk, (1, 2, 0, 3))
+
+
+def _kernel_grad_fwd(x, dy, size):
+  return _kernel_grad(x, dy, size), (x, dy)
+
+
+def _kernel_grad_bwd(size, res, g):
+  x, dy = res
+  return _conv_same(dy, _flip_swap(g)), _conv_same(x, g)
+
+
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
 def adjoint(linear_fn: LinearFn, x_shape: Sequence[int],

@@ -257,6 +257,14 @@ def image(config: ml_collections.ConfigDict, prefix: str = "config",
     gmax = layers.TVActivation.gamma_max
     in_range(m.tv_gamma_init, f"{prefix}.model.tv_gamma_init", 0.0, gmax,
              low_open=True, high_open=True, what="TV gamma out of range")
+  if "scan_blocks" in m:
+    one_of(m.scan_blocks, f"{prefix}.model.scan_blocks", (False, True),
+           "scan_blocks must be a bool")
+    from pdeq_jax import models  # pylint: disable=import-outside-toplevel
+    if m.scan_blocks and "scan_blocks" not in models.options(m.name):
+      raise ConfigError("model has no scanned-block form",
+                        f"{prefix}.model.scan_blocks", m.scan_blocks,
+                        f"allowed for {m.name}: False")
   if "dropout" in m:
     in_range(m.dropout, f"{prefix}.model.dropout", 0.0, 1.0, high_open=True,
              what="dropout rate out of range")

@@ -55,6 +55,15 @@ def names() -> list:
   return sorted(_REGISTRY)
 
 
+def options(name: str) -> Tuple[str, ...]:
+  """The dataclass fields (options) of the module registered as ``name``."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; known models: {names()}")
+  module, factory, _ = _REGISTRY[name]
+  cls = getattr(importlib.import_module(module), factory)
+  return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def create(name: str, num_classes: int, **options):
   """Builds the Flax module registered as ``name``.
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pdeq_jax import layers
+from pdeq_jax.models import scan_blocks as scan_lib
 from pdeq_jax.models.switches import ModelSwitches
 from pdeq_jax.models.switches import QUANT_AND_TV
 
@@ -163,11 +164,14 @@ class ResNet(nn.Module):
     switches: quantizers (the first convolution and the classifier are
       always float) and TV-smoothed ReLUs in the blocks (Sec. 3); no
       ``tv_stem``.
+    scan_blocks: run blocks 2..n of every stage under ``nn.scan`` (compiled
+      once per stage; stacked layout, see :mod:`pdeq_jax.models.scan_blocks`).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 3, 3)
   widths: Sequence[int] = (16, 32, 64)
   switches: ModelSwitches = ModelSwitches()
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -191,6 +195,12 @@ class ResNet(nn.Module):
                                                 self.widths)):
       for b in range(num_blocks):
         strides = 2 if s > 0 and b == 0 else 1
+        if b == 1 and self.scan_blocks:
+          x, outs = scan_lib.run_blocks(
+              functools.partial(BasicBlock, width, 1, switches=self.switches),
+              num_blocks - 1, x, bits, train=train, name=f"stage{s + 1}_blocks")
+          hidden.extend(outs)
+          break
         x = BasicBlock(width, strides, switches=self.switches,
                        name=f"stage{s + 1}_block{b + 1}")(x, bits, train=train)
         hidden.append(x)

@@ -44,6 +44,7 @@ stage the network has 405,850 parameters (CIFAR-10), the authors' count.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 from pdeq_jax import layers
 from pdeq_jax import operators
 from pdeq_jax.models import resnet
+from pdeq_jax.models import scan_blocks as scan_lib
 from pdeq_jax.models.switches import ModelSwitches
 from pdeq_jax.models.switches import QUANT_ONLY
 
@@ -179,6 +181,9 @@ class StableResNet(nn.Module):
       per block (None: fixed ``h``).
     act / act_signed: σ and whether its quantizer is signed.
     switches: the quantizers (``quantize_*``; no TV switch here).
+    scan_blocks: blocks 2..n of every stage under ``nn.scan`` (see
+      :mod:`pdeq_jax.models.scan_blocks`; the analysis helpers below read
+      the unrolled layout: ``scan_blocks.unstack_blocks`` first).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 3, 3)
@@ -189,6 +194,7 @@ class StableResNet(nn.Module):
   act: Activation = nn.relu
   act_signed: bool = False
   switches: ModelSwitches = ModelSwitches()
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, bits: layers.QuantBits = layers.FLOAT_BITS, *,
@@ -206,14 +212,19 @@ class StableResNet(nn.Module):
                                                 self.widths)):
       for b in range(num_blocks):
         first = s == 0 and b == 0  # its input follows the stem's ReLU
-        x = StableBlock(width, pool=s > 0 and b == 0, h=self.h,
-                        clean_form=self.clean_form,
-                        max_h_norm_sq=self.max_h_norm_sq, act=self.act,
-                        act_signed=self.act_signed,
-                        input_signed=self.clean_form and not first,
-                        switches=self.switches,
-                        name=f"stage{s + 1}_block{b + 1}")(x, bits,
-                                                           train=train)
+        block = functools.partial(
+            StableBlock, width, pool=s > 0 and b == 0, h=self.h,
+            clean_form=self.clean_form, max_h_norm_sq=self.max_h_norm_sq,
+            act=self.act, act_signed=self.act_signed,
+            input_signed=self.clean_form and not first,
+            switches=self.switches)
+        if b == 1 and self.scan_blocks:  # blocks 2..n are identical
+          x, outs = scan_lib.run_blocks(block, num_blocks - 1, x, bits,
+                                        train=train,
+                                        name=f"stage{s + 1}_blocks")
+          hidden.extend(outs)
+          break
+        x = block(name=f"stage{s + 1}_block{b + 1}")(x, bits, train=train)
         hidden.append(x)
     logits = resnet.Head(self.num_classes, name="head")(x)
     return (logits, hidden) if return_hidden else logits

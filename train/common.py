@@ -38,6 +38,37 @@ def quiet_absl_logging() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+# Environment variables set by ``train.launch`` for each local process.
+ENV_COORDINATOR = "PDEQ_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "PDEQ_NUM_PROCESSES"
+ENV_PROCESS_ID = "PDEQ_PROCESS_ID"
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` for ``config.distributed``.
+
+  Under ``train.launch`` the coordinator address, process count and index
+  come from its ``PDEQ_*`` environment variables; elsewhere (SLURM, Cloud
+  TPU, Open MPI) JAX detects them.  On CPU the collectives across processes
+  go through gloo.
+  """
+  # only the CPU backend uses it (GPU: NCCL, TPU: ICI/DCN)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if ENV_COORDINATOR in os.environ:
+    jax.distributed.initialize(
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]))
+  else:
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (metrics, plots, results):
+  process 0 of a multi-process run; always true in a single process."""
+  return jax.process_index() == 0
+
+
 def config_to_dict(config: Any) -> Dict[str, Any]:
   if isinstance(config, ml_collections.ConfigDict):
     return config.to_dict()

@@ -89,7 +89,10 @@ def _jsonable(value: Any) -> Any:
 def write_text(path: os.PathLike, text: str) -> None:
   """Writes ``text`` atomically: a temporary file in the same directory, then
   ``os.replace``; a kill leaves either the old file or the new one, never a
-  half-written one."""
+  half-written one.  In a multi-process run only process 0 writes
+  (:func:`is_primary`); the others skip it."""
+  if not is_primary():
+    return
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
@@ -169,15 +172,19 @@ class MetricWriter:
   Lines logged after the checkpoint a run resumes from would be duplicated by
   the resumed run, so ``truncate_after(step)`` removes them first.  Every
   line also goes to TensorBoard (:class:`TensorBoardWriter`, same directory).
+  In a multi-process run only process 0 writes (the others' ``write`` and
+  ``truncate_after`` do nothing).
   """
 
   def __init__(self, workdir: os.PathLike, filename: str = "metrics.jsonl",
                tensorboard: bool = True):
     self.path = pathlib.Path(workdir) / filename
-    self.tensorboard = TensorBoardWriter(workdir) if tensorboard else None
+    self.primary = is_primary()
+    self.tensorboard = (TensorBoardWriter(workdir)
+                        if tensorboard and self.primary else None)
 
   def truncate_after(self, step: int, key: str = "step") -> None:
-    if not self.path.exists():
+    if not self.primary or not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
             if _parse_line(line).get(key, math.inf) <= step]
@@ -186,6 +193,8 @@ class MetricWriter:
       self.tensorboard.purge_after(step)
 
   def write(self, **metrics: Any) -> None:
+    if not self.primary:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(_jsonable(metrics), sort_keys=True) + "\n")
     if self.tensorboard is not None:

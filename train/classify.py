@@ -710,6 +710,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   if config.init_from and ckpt.latest_step() is None:
     state = init_from_source(config, state, tx, verbose)
     best["variables"] = _host({"params": state.params, **state.model_state})
+  # Replicated before a restore, so that Orbax restores every process's
+  # shards straight into that sharding (another one could need cross-host
+  # transfers, which multi-process CPU runs do not have).
+  state = jax.device_put(state, replicated)
   if ckpt.latest_step() is not None:
     restored = ckpt.restore({"state": state, "best": best})
     state, best = restored["state"], restored["best"]

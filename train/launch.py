@@ -128,6 +128,7 @@ def launch(argv: Sequence[str]) -> int:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     procs.append(proc)
+    log(f"process {i}: pid {proc.pid}")
     pump = threading.Thread(target=_pump, args=(proc, f"[p{i}] ", lock),
                             daemon=True)
     pump.start()

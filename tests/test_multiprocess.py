@@ -183,3 +183,44 @@ def test_two_processes_equal_one_and_survive_a_kill(image_root, tmp_path):
   print(f"max abs differences, 2 processes x 1 device vs 1 x 2: {diffs}")
   # process 0 alone wrote the files: one TensorBoard event file per call
   assert len(list(two.glob("events.out.tfevents.*"))) == 2
+
+
+def _launch_child(*args):
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.launch", "--num_processes=2",
+       "--grace_s=2", "--module=tests.launch_child", "--", *args],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+  return proc, time.monotonic() - start
+
+
+def test_launcher_passes_the_process_env_and_prefixes_output():
+  proc, _ = _launch_child("ok", "--workdir=/tmp/x")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  port = re.search(r"coordinator 127\.0\.0\.1:(\d+)", proc.stdout).group(1)
+  for i in (0, 1):
+    assert (f"[p{i}] coordinator 127.0.0.1:{port} processes 2 args "
+            "['ok', '--workdir=/tmp/x']") in proc.stdout, proc.stdout
+  assert proc.stdout.rstrip().endswith("[launch] all processes finished")
+
+
+def test_launcher_stops_the_others_when_one_fails():
+  proc, seconds = _launch_child("fail_1")
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert ("[launch] process 1 exited with code 3; stopping the others "
+          "(SIGTERM, SIGKILL after 2 s)") in proc.stdout, proc.stdout
+  assert seconds < 30  # not the 120 s process 0 would sleep
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--num_processes=0", "--", "x"], "--num_processes must be >= 1, got 0"),
+    (["--num_processes=2"], "give the train.main arguments after '--'"),
+    (["--num_processes=2", "--port=70000", "--", "x"],
+     r"--port must be in \[0, 65535\], got 70000"),
+])
+def test_launcher_bad_arguments(args, match):
+  proc = subprocess.run([sys.executable, "-m", "train.launch", *args],
+                        capture_output=True, text=True, cwd=REPO_ROOT,
+                        timeout=60)
+  assert proc.returncode == 2
+  assert re.search(match, proc.stderr), proc.stderr

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from pdeq_jax import layers
 from pdeq_jax import quant
+from train import launch
 
 FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
 
@@ -39,9 +40,9 @@ def quiet_absl_logging() -> None:
 
 
 # Environment variables set by ``train.launch`` for each local process.
-ENV_COORDINATOR = "PDEQ_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "PDEQ_NUM_PROCESSES"
-ENV_PROCESS_ID = "PDEQ_PROCESS_ID"
+ENV_COORDINATOR = launch.ENV_COORDINATOR
+ENV_NUM_PROCESSES = launch.ENV_NUM_PROCESSES
+ENV_PROCESS_ID = launch.ENV_PROCESS_ID
 
 
 def initialize_distributed() -> None:

@@ -29,7 +29,11 @@ import threading
 import time
 from typing import List, Optional, Sequence
 
-from train import common
+# Read by train.common.initialize_distributed (stdlib only here: the launcher
+# itself never imports JAX).
+ENV_COORDINATOR = "PDEQ_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "PDEQ_NUM_PROCESSES"
+ENV_PROCESS_ID = "PDEQ_PROCESS_ID"
 
 
 def free_port() -> int:
@@ -78,9 +82,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def _env(args: argparse.Namespace, port: int, index: int) -> dict:
   env = dict(os.environ)
-  env[common.ENV_COORDINATOR] = f"127.0.0.1:{port}"
-  env[common.ENV_NUM_PROCESSES] = str(args.num_processes)
-  env[common.ENV_PROCESS_ID] = str(index)
+  env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
+  env[ENV_NUM_PROCESSES] = str(args.num_processes)
+  env[ENV_PROCESS_ID] = str(index)
   env["PYTHONUNBUFFERED"] = "1"
   if args.cpu_devices_per_process:
     flags = [f for f in env.get("XLA_FLAGS", "").split()

@@ -66,8 +66,9 @@ def initialize_distributed() -> None:
 
 def is_primary() -> bool:
   """Whether this process writes the run's files (metrics, plots, results):
-  process 0 of a multi-process run; always true in a single process."""
-  return jax.process_index() == 0
+  process 0 of a multi-process run; always true in a single process (then
+  without starting a JAX backend)."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def config_to_dict(config: Any) -> Dict[str, Any]:

@@ -613,7 +613,19 @@ def evaluate_consistency(model, variables, batches, *,
 # ------------------------------------------------------------------- loop ---
 
 def _host(tree):
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+  """Host (numpy) copy of ``tree``, on every process.
+
+  The train state is replicated, so each process holds all of it; an array
+  sharded across processes (not fully addressable) is gathered first, a
+  collective that every process reaches at the same point of the loop.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                         or x.is_fully_replicated):
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree_util.tree_map(one, tree)
 
 
 def load_data(config: ml_collections.ConfigDict) -> image_data.ImageDataset:
@@ -698,6 +710,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   if config.init_from and ckpt.latest_step() is None:
     state = init_from_source(config, state, tx, verbose)
     best["variables"] = _host({"params": state.params, **state.model_state})
+  # Replicated before a restore, so that Orbax restores every process's
+  # shards straight into that sharding (another one could need cross-host
+  # transfers, which multi-process CPU runs do not have).
+  state = jax.device_put(state, replicated)
   if ckpt.latest_step() is not None:
     restored = ckpt.restore({"state": state, "best": best})
     state, best = restored["state"], restored["best"]
@@ -859,7 +875,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     results.update(write_consistency(workdir, config, stats))
   common.write_json(workdir / "results.json", results)
   common.write_text(workdir / "report.md", report_markdown(results))
-  plot_curves(writer.read(), workdir / "curves.png")
+  if common.is_primary():
+    plot_curves(writer.read(), workdir / "curves.png")
   if verbose:
     print(summary_line(results))
   return results
@@ -872,11 +889,12 @@ def write_consistency(workdir: pathlib.Path, config, stats: Dict[str, Any]
   Returns the entries the run's ``results.json`` carries for them.
   """
   common.write_json(workdir / "consistency.json", stats)
-  consistency.plot_layerwise_mse(
-      {config.model.name: stats["normalized_mse"]},
-      str(workdir / "layerwise_mse.png"),
-      title=f"{config.model.name}: {config.quant.act_bits}-bit vs clip-only "
-      "activations")
+  if common.is_primary():
+    consistency.plot_layerwise_mse(
+        {config.model.name: stats["normalized_mse"]},
+        str(workdir / "layerwise_mse.png"),
+        title=f"{config.model.name}: {config.quant.act_bits}-bit vs "
+        "clip-only activations")
   return {"consistency": stats, "act_mse": stats["overall_mse"],
           "act_normalized_mse": stats["overall_normalized_mse"]}
 

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from pdeq_jax import layers
 from pdeq_jax import quant
+from train import launch
 
 FLOAT_BITS = 32  # a config bit width of 32 means "no quantizer at all"
 
@@ -36,6 +37,38 @@ def quiet_absl_logging() -> None:
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+# Environment variables set by ``train.launch`` for each local process.
+ENV_COORDINATOR = launch.ENV_COORDINATOR
+ENV_NUM_PROCESSES = launch.ENV_NUM_PROCESSES
+ENV_PROCESS_ID = launch.ENV_PROCESS_ID
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` for ``config.distributed``.
+
+  Under ``train.launch`` the coordinator address, process count and index
+  come from its ``PDEQ_*`` environment variables; elsewhere (SLURM, Cloud
+  TPU, Open MPI) JAX detects them.  On CPU the collectives across processes
+  go through gloo.
+  """
+  # only the CPU backend uses it (GPU: NCCL, TPU: ICI/DCN)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if ENV_COORDINATOR in os.environ:
+    jax.distributed.initialize(
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]))
+  else:
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (metrics, plots, results):
+  process 0 of a multi-process run; always true in a single process (then
+  without starting a JAX backend)."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def config_to_dict(config: Any) -> Dict[str, Any]:
@@ -58,7 +91,10 @@ def _jsonable(value: Any) -> Any:
 def write_text(path: os.PathLike, text: str) -> None:
   """Writes ``text`` atomically: a temporary file in the same directory, then
   ``os.replace``; a kill leaves either the old file or the new one, never a
-  half-written one."""
+  half-written one.  In a multi-process run only process 0 writes
+  (:func:`is_primary`); the others skip it."""
+  if not is_primary():
+    return
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
@@ -138,15 +174,19 @@ class MetricWriter:
   Lines logged after the checkpoint a run resumes from would be duplicated by
   the resumed run, so ``truncate_after(step)`` removes them first.  Every
   line also goes to TensorBoard (:class:`TensorBoardWriter`, same directory).
+  In a multi-process run only process 0 writes (the others' ``write`` and
+  ``truncate_after`` do nothing).
   """
 
   def __init__(self, workdir: os.PathLike, filename: str = "metrics.jsonl",
                tensorboard: bool = True):
     self.path = pathlib.Path(workdir) / filename
-    self.tensorboard = TensorBoardWriter(workdir) if tensorboard else None
+    self.primary = is_primary()
+    self.tensorboard = (TensorBoardWriter(workdir)
+                        if tensorboard and self.primary else None)
 
   def truncate_after(self, step: int, key: str = "step") -> None:
-    if not self.path.exists():
+    if not self.primary or not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
             if _parse_line(line).get(key, math.inf) <= step]
@@ -155,6 +195,8 @@ class MetricWriter:
       self.tensorboard.purge_after(step)
 
   def write(self, **metrics: Any) -> None:
+    if not self.primary:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(_jsonable(metrics), sort_keys=True) + "\n")
     if self.tensorboard is not None:

@@ -10,6 +10,8 @@ define fails with an error naming it.  The config's ``task`` picks the trainer.
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 from absl import logging
 import jax
@@ -41,9 +43,10 @@ def main(argv):
     if FLAGS[name].value is None:
       raise ValueError(f"--{name} is required")
   config = FLAGS.config
+  if config.get("distributed", False) or common.ENV_COORDINATOR in os.environ:
+    # before any JAX call (validation counts the devices of all processes)
+    common.initialize_distributed()
   validate.config(config)  # before anything is written
-  if config.get("distributed", False):
-    jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())
   tasks.trainer_for(config.task).train_and_evaluate(config, FLAGS.workdir)
 

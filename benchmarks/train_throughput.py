@@ -506,12 +506,17 @@ class TorchRunner:
 
   def __init__(self, name, precision, x, y, jax_runner, threads):
     lib = torch_lib()
-    torch = lib.torch
-    torch.set_num_threads(threads)
+    lib.torch.set_num_threads(threads)
     quantized, w, a = parse_precision(precision)
     self.bits = (w, a)
-    self.net = build_torch_net(jax_runner.model, jax_runner.kind, quantized)
-    lib.load_jax(self.net, jax_runner.host_variables())  # same start point
+    net = build_torch_net(jax_runner.model, jax_runner.kind, quantized)
+    lib.load_jax(net, jax_runner.host_variables())  # same start point
+    self._start_training(net, x, y)
+
+  def _start_training(self, net, x, y) -> None:
+    """SGD on one fixed NCHW batch (shared with :class:`AuthorsRunner`)."""
+    torch = torch_lib().torch
+    self.net = net
     self.net.train()
     self.params, self.alphas = count_torch_params(self.net)
     self.opt = torch.optim.SGD(self.net.parameters(), lr=LR,
@@ -520,12 +525,15 @@ class TorchRunner:
     self.y = torch.from_numpy(y.astype(np.int64))
     self.loss = float("nan")
 
+  def forward(self):
+    return self.net(self.x, self.bits)
+
   def run(self, steps: int) -> None:
     F = torch_lib().F
     loss = None
     for _ in range(steps):
       self.opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(self.net(self.x, self.bits), self.y)
+      loss = F.cross_entropy(self.forward(), self.y)
       loss.backward()
       self.opt.step()
     self.loss = loss.item()
@@ -598,25 +606,11 @@ class AuthorsRunner(TorchRunner):
     torch = torch_lib().torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    self.net = build_authors_net(lib, jax_runner.model, jax_runner.kind,
-                                 precision)
-    self.net.train()
-    self.params, self.alphas = count_torch_params(self.net)
-    self.opt = torch.optim.SGD(self.net.parameters(), lr=LR,
-                               momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    self.x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    self.y = torch.from_numpy(y.astype(np.int64))
-    self.loss = float("nan")
+    self._start_training(build_authors_net(lib, jax_runner.model,
+                                           jax_runner.kind, precision), x, y)
 
-  def run(self, steps: int) -> None:
-    F = torch_lib().F
-    loss = None
-    for _ in range(steps):
-      self.opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(self.net(self.x), self.y)
-      loss.backward()
-      self.opt.step()
-    self.loss = loss.item()
+  def forward(self):
+    return self.net(self.x)  # the authors' nets hold their bits themselves
 
 
 def check_equivalence(name: str, precision: str, batch: int, seed: int

@@ -191,6 +191,19 @@ def test_two_processes_equal_one_and_survive_a_kill(image_root, tmp_path):
   assert len(list(two.glob("events.out.tfevents.*"))) == 2
 
 
+def test_two_processes_equal_one_resnet8(image_root, tmp_path):
+  """The plain ResNet-8 (no kill): 2 processes x 1 device == 1 x 2."""
+  cache = tmp_path / "cache"
+  one, two = tmp_path / "one", tmp_path / "two"
+  _single_process(_args("resnet8", image_root, one, cache))
+  launcher = _launch(_args("resnet8", image_root, two, cache))
+  output, _ = launcher.communicate(timeout=600)
+  assert launcher.returncode == 0, output[-3000:]
+  assert "[launch] all processes finished" in output
+  diffs = _compare_runs(one, two)
+  print(f"max abs differences, 2 processes x 1 device vs 1 x 2: {diffs}")
+
+
 def _launch_child(*args):
   start = time.monotonic()
   proc = subprocess.run(

@@ -530,13 +530,16 @@ def bits_for_epoch(config: ml_collections.ConfigDict,
 
 
 def run_or_load(trainer, config, run_dir: pathlib.Path,
-                report_only: bool = False,
-                verbose: bool = False) -> Optional[Dict[str, Any]]:
+                report_only: bool = False, verbose: bool = False,
+                **train_kwargs) -> Optional[Dict[str, Any]]:
   """A finished run's results, else trains it (None: not run, report only).
 
   Cached results are only reused when the run's recorded ``config.json``
   equals ``config``; otherwise ValueError names the differing keys.  The wall
-  time of a fresh run is added as ``wall_seconds``.
+  time of a fresh run is added as ``wall_seconds``.  ``train_kwargs`` go to
+  ``trainer.train_and_evaluate`` (e.g. the sweep's ``epoch_callback``); a
+  run stopped by that callback (``stopped_by_callback_at_epoch``) has not
+  finished, so nothing is cached for it.
   """
   results_file = run_dir / "results.json"
   if results_file.exists():
@@ -545,7 +548,10 @@ def run_or_load(trainer, config, run_dir: pathlib.Path,
   if report_only:
     return None
   t0 = time.perf_counter()
-  results = trainer.train_and_evaluate(config, str(run_dir), verbose=verbose)
+  results = trainer.train_and_evaluate(config, str(run_dir), verbose=verbose,
+                                       **train_kwargs)
+  if "stopped_by_callback_at_epoch" in results:
+    return results
   results["wall_seconds"] = time.perf_counter() - t0
   write_json(results_file, results)
   return results

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from typing import Any, Callable, Dict, Union
 import warnings
 
@@ -258,18 +257,9 @@ def apply_overrides(config, overrides: Dict[str, Any]):
 def _run_seed(trainer, config, run_dir: pathlib.Path, report) -> Dict[str, Any]:
   """One seed's results (read back when finished); ``report(epoch,
   best_val_acc)`` is called after every epoch and may stop the run (True)."""
-  results_file = run_dir / "results.json"
-  if results_file.exists():
-    return json.loads(results_file.read_text())
-  t0 = time.perf_counter()
-  results = trainer.train_and_evaluate(
-      config, str(run_dir), verbose=False,
+  return common.run_or_load(
+      trainer, config, run_dir,
       epoch_callback=lambda epoch, m: report(epoch, m["best_val_acc"]))
-  if "stopped_by_callback_at_epoch" in results:
-    return results
-  results["wall_seconds"] = time.perf_counter() - t0
-  common.write_json(results_file, results)
-  return results
 
 
 def _train_trial(trainer, config, trial_dir: pathlib.Path,

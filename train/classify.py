@@ -71,19 +71,7 @@ class TrainState:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before any work is done."""
-  validate.image(config)
-  common.check_bits_config(config)
-  if config.quant.gradual:
-    quant.check_bits(config.quant.start_bits, "config.quant.start_bits")
-    if config.quant.epochs_per_step < 1:
-      raise ValueError("config.quant.epochs_per_step must be >= 1, got "
-                       f"{config.quant.epochs_per_step}")
-  for key in ("batch_size", "num_epochs"):
-    if int(config[key]) < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-  if config.optim.schedule not in ("cosine", "constant", "step", "poly"):
-    raise ValueError("config.optim.schedule must be 'cosine', 'constant', "
-                     f"'step' or 'poly', got {config.optim.schedule!r}")
+  validate.image(config)  # ranges, names, bits, schedule, device count
   if config.init_from:
     path = pathlib.Path(config.init_from)
     if path.suffix in STATE_DICT_SUFFIXES:
@@ -97,14 +85,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           "no checkpoints directory there", "config.init_from",
           config.init_from, "allowed: the workdir of a finished run, or a "
           ".pth/.pt/.npz state dict")
-  if config.optim.weight_decay_on not in ("all", "kernels"):
-    raise ValueError("config.optim.weight_decay_on must be 'all' or "
-                     f"'kernels', got {config.optim.weight_decay_on!r}")
-  num_devices = jax.device_count()
-  for key in ("batch_size", "eval_batch_size"):
-    if int(config[key]) % num_devices:
-      raise ValueError(f"config.{key}={config[key]} must be divisible by the "
-                       f"number of devices ({num_devices})")
 
 
 bits_for_epoch = common.bits_for_epoch

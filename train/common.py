@@ -486,17 +486,6 @@ def markdown_table(header: list, rows: list) -> str:
 
 # ------------------------------------------------- quantization in configs ---
 
-def check_bits_config(config: ml_collections.ConfigDict) -> None:
-  """``config.quant.{weight,act}_bits`` in [2, 16], or 32 (no quantizer)."""
-  for key in ("weight_bits", "act_bits"):
-    bits = config.quant[key]
-    if bits != FLOAT_BITS:
-      quant.check_bits(bits, f"config.quant.{key}")
-      if bits > 16:
-        raise ValueError(f"config.quant.{key} must be in [2, 16] or "
-                         f"{FLOAT_BITS} (full precision), got {bits}")
-
-
 def _bits_or_none(bits: int):
   return None if bits == FLOAT_BITS else bits
 

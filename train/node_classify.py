@@ -86,9 +86,6 @@ def load_task(config: ml_collections.ConfigDict) -> NodeTask:
                   idx(data.test_mask), int(data.num_classes))
 
 
-check_bits_config = common.check_bits_config
-
-
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   options = {k: v for k, v in config.model.to_dict().items() if k != "name"}
   return models.create(

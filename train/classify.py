@@ -709,8 +709,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     if step != saved["step"]:
       # Host copies: the next step donates the state's device buffers.
       tree = _host({"state": state, "best": best})
-      if not common.tree_is_finite(tree["state"].params):
-        stop({"parameters": np.nan}, step)
+      stop({"parameters": tree["state"].params}, step)
       # the training metrics of the steps since the last log line, so that
       # a run resumed here logs the same means as an uninterrupted one
       pending[str(step)] = [{k: float(v) for k, v in m.items()}

@@ -241,21 +241,25 @@ class NonFiniteError(RuntimeError):
 def check_finite(values: Mapping[str, Any], where: str,
                  last_good: Optional[str] = None,
                  on_error: Optional[Any] = None) -> None:
-  """Raises :class:`NonFiniteError` naming ``where`` (e.g. "epoch 7") and the
-  first non-finite entry of ``values`` (scalars or arrays); ``on_error()``
-  runs first (e.g. finishing the pending checkpoint writes)."""
+  """Raises :class:`NonFiniteError` naming ``where`` (e.g. "epoch 7"), the
+  first entry of ``values`` (scalars, arrays or pytrees of them, e.g. the
+  parameters) holding a NaN/Inf, and that value; ``on_error()`` runs first
+  (e.g. finishing the pending checkpoint writes)."""
   for key, value in values.items():
-    arr = np.asarray(value)
-    if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
-      if on_error is not None:
-        on_error()
-      shown = arr.item() if arr.ndim == 0 else "non-finite entries"
-      keep = (f"; the last good checkpoint ({last_good}) is kept"
-              if last_good else "; no checkpoint was written")
-      raise NonFiniteError(
-          f"training diverged: {key} = {shown} at {where}{keep}; no "
-          "results.json written (lower the learning rate or check the "
-          "inputs)")
+    for leaf in jax.tree_util.tree_leaves(value):
+      flat = np.ravel(np.asarray(leaf))
+      if not np.issubdtype(flat.dtype, np.number):
+        continue
+      bad = flat[~np.isfinite(flat)]
+      if bad.size:
+        if on_error is not None:
+          on_error()
+        keep = (f"; the last good checkpoint ({last_good}) is kept"
+                if last_good else "; no checkpoint was written")
+        raise NonFiniteError(
+            f"training diverged: {key} = {bad[0].item()} at {where}{keep}; no "
+            "results.json written (lower the learning rate or check the "
+            "inputs)")
 
 
 def tree_is_finite(tree: Any) -> bool:

@@ -273,13 +273,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       best = {**{k: metrics[k] for k in ("val_acc", "val_loss", "test_acc",
                                          "train_acc")},
               "epoch": np.int32(epoch), "params": _to_host(params)}
+    host_metrics = {k: float(v) for k, v in metrics.items()}
     writer.write(epoch=epoch, loss=float(loss), act_bits=int(bits.activations),
-                 weight_bits=int(bits.weights),
-                 **{k: float(v) for k, v in metrics.items()},
+                 weight_bits=int(bits.weights), **host_metrics,
                  **common.quantizer_stats(params))
     if epoch_callback is not None and epoch_callback(
-        epoch, {**{k: float(v) for k, v in metrics.items()},
-                "best_val_acc": float(best["val_acc"])}):
+        epoch, {**host_metrics, "best_val_acc": float(best["val_acc"])}):
       ckpt.close()
       writer.close()
       return {"stopped_by_callback_at_epoch": epoch}
@@ -288,10 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     f"{metrics['val_acc']:.3f} best val {best['val_acc']:.3f}"
                     f" (test {best['test_acc']:.3f} @ {int(best['epoch'])})")
     if epoch % int(config.checkpoint_every) == 0 or epoch == stop_epoch:
-      if not common.tree_is_finite(params):
-        common.check_finite({"parameters": np.nan},
-                            f"epoch {epoch - 1} (step {epoch})", last_good,
-                            on_error=ckpt.close)
+      common.check_finite({"parameters": params},
+                          f"epoch {epoch - 1} (step {epoch})", last_good,
+                          on_error=ckpt.close)
       last_good = f"step {epoch}"
       ckpt.save(epoch, {"params": params, "opt_state": opt_state,
                         "epoch": jnp.int32(epoch),

@@ -79,7 +79,9 @@ def get_config(arg=None):
   config.data.max_train = 0             # 0 = all
   config.data.max_test = 0
   config.data.augment = True
-  config.data.prefetch = 2
+  config.data.prefetch = 2              # batches grain reads ahead
+  config.data.threads = 1               # grain prefetch threads (0: inline)
+  config.data.workers = 0               # grain worker processes (0: none)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = model

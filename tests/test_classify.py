@@ -18,6 +18,7 @@ from configs import cifar as cifar_configs
 from pdeq_jax import layers
 from pdeq_jax.data import images as image_data
 from train import classify
+from train import common
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY = jax.random.PRNGKey(0)  # the dropout stream (unused by these nets)
@@ -241,13 +242,21 @@ def test_sharded_step_equals_single_device(model):
 def test_interrupted_run_resumes_to_identical_result(dataset, tmp_path):
   config = tiny_config(model="stable_resnet8")
   config.quant.start_bits = 5  # the second epoch is at the target: selected
+  config.data.threads = 0  # batches made in the training thread
   full = classify.train_and_evaluate(config, str(tmp_path / "full"),
                                      verbose=False, dataset=dataset)
+  # The interrupted run reads ahead (grain threads): the stream is the same
+  # and the checkpointed iterator state is the consumed position.
+  config.data.threads, config.data.prefetch = 2, 4
   # Crash mid-epoch (step 3 of 4), then again at an epoch boundary.
   part = tmp_path / "part"
   r1 = classify.train_and_evaluate(config, str(part), verbose=False,
                                    dataset=dataset, max_steps_this_call=3)
   assert r1 == {"interrupted_at_step": 3}
+  saved = common.Checkpointer(part / "checkpoints")
+  assert classify.decode_data_state(saved.restore_raw()["data"]) == {
+      "step": 3, "iterator": {"next_index": 3}}
+  saved.close()
   r2 = classify.train_and_evaluate(config, str(part), verbose=False,
                                    dataset=dataset, max_steps_this_call=1)
   assert r2 == {"interrupted_at_step": 4}

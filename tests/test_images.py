@@ -5,12 +5,10 @@ loaders; the real CIFAR-10 JPEG archive is decoded once per test run into a
 cache shared by the xdist workers (the loader's lock makes one worker decode
 while the other waits).
 """
-import itertools
 import os
 import pathlib
 import sys
 import tarfile
-import threading
 import time
 import types
 
@@ -384,7 +382,7 @@ def _random_images(n=64, h=5, w=6, c=3, seed=0):
 
 
 def test_random_crop_flip_shape_and_identity():
-  x = _random_images()
+  x = _random_images(n=1)[0]
   rng = np.random.default_rng(0)
   y = images.random_crop_flip(x, rng)
   assert y.shape == x.shape and y.dtype == np.uint8
@@ -394,32 +392,45 @@ def test_random_crop_flip_shape_and_identity():
   np.testing.assert_array_equal(
       images.random_crop_flip(x, np.random.default_rng(5)),
       images.random_crop_flip(x, np.random.default_rng(5)))
-  gray = _random_images(c=1)
+  gray = _random_images(n=1, c=1)[0]
   assert images.random_crop_flip(gray, rng).shape == gray.shape
+  # a padding larger than the image leaves only zeros
+  assert not images.random_crop_flip(x, np.random.default_rng(0), pad=40,
+                                     flip=False).any()  # P(offset 0) tiny
 
 
-@pytest.mark.parametrize("pad,flip", [(2, True), (2, False), (0, True)])
+def _window(x, pad, image):
+  """The (dy, dx, flipped) windows of zero-padded ``x`` equal to ``image``
+  (an independent reference: np.pad and slicing)."""
+  h, w = x.shape[:2]
+  padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+  return [(dy, dx, f)
+          for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+          for f in (False, True)
+          if np.array_equal(image, (lambda win: win[:, ::-1] if f else win)(
+              padded[dy:dy + h, dx:dx + w]))]
+
+
+@pytest.mark.parametrize("pad,flip", [(2, True), (2, False), (0, True),
+                                      (7, False)])
 def test_random_crop_flip_is_a_shifted_window(pad, flip):
   x = _random_images(n=64)  # pixels >= 1, so padding zeros are recognisable
-  y = images.random_crop_flip(x, np.random.default_rng(1), pad=pad, flip=flip)
-  h, w = x.shape[1:3]
-  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rng = np.random.default_rng(1)
   offsets, flipped = set(), []
   for i in range(x.shape[0]):
-    matches = [(dy, dx, f)
-               for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-               for f in (False, True)
-               if np.array_equal(
-                   y[i], (lambda win: win[:, ::-1] if f else win)(
-                       padded[i, dy:dy + h, dx:dx + w]))]
+    y = images.random_crop_flip(x[i], rng, pad=pad, flip=flip)
+    matches = _window(x[i], pad, y)
+    if pad >= 5:  # windows off the image entirely are all zeros
+      assert matches, i
+      continue
     assert len(matches) == 1, (i, matches)
     offsets.add(matches[0][:2])
     flipped.append(matches[0][2])
   if flip:
     assert 10 < sum(flipped) < 54  # some flipped, some not
-  else:
+  elif pad < 5:
     assert not any(flipped)
-  if pad:
+  if 0 < pad < 5:
     assert len(offsets) > 10  # many of the 25 offsets occur
 
 
@@ -439,41 +450,79 @@ def _epoch(x, y, **kwargs):
   return list(images.train_batches(x, y, 8, **kwargs))
 
 
+def _same(a, b):
+  return len(a) == len(b) and all(
+      np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1])
+      for p, q in zip(a, b))
+
+
 def test_train_batches_order_shapes_and_determinism():
   x, y = _id_data()
   batches = _epoch(x, y, augment=False)
   assert len(batches) == images.steps_per_epoch(50, 8) == 6  # last dropped
+  assert len(images.train_dataset(x, y, 8, seed=3, epoch=0, mean=MEAN,
+                                  std=STD)) == 6
   for xb, yb in batches:
     assert xb.shape == (8, 4, 4, 3) and xb.dtype == np.float32
     assert yb.shape == (8,) and yb.dtype == np.int32
     np.testing.assert_array_equal(xb, images.normalize(x[yb], MEAN, STD))
   order = np.concatenate([yb for _, yb in batches])
   assert len(set(order.tolist())) == 48  # each example at most once
-  np.testing.assert_array_equal(
-      order, np.random.default_rng((3, 0)).permutation(50)[:48])
-  again = _epoch(x, y, augment=False)
-  assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-             for a, b in zip(batches, again))
-  epoch1 = np.concatenate([yb for _, yb in _epoch(x, y, epoch=1,
-                                                  augment=False)])
-  assert not np.array_equal(order, epoch1)
+  assert not np.array_equal(order, np.arange(48))  # shuffled
+  assert _same(batches, _epoch(x, y, augment=False))  # same seed: same
+  epochs = [np.concatenate([yb for _, yb in _epoch(x, y, epoch=e,
+                                                   augment=False)])
+            for e in (1, 2)]
+  seed4 = np.concatenate([yb for _, yb in _epoch(x, y, seed=4,
+                                                 augment=False)])
+  for other in epochs + [seed4]:
+    assert not np.array_equal(order, other)
+  # threads and prefetching do not change the stream
+  for threads, prefetch in ((0, 1), (2, 3)):
+    assert _same(batches, _epoch(x, y, augment=False, threads=threads,
+                                 prefetch=prefetch))
 
 
-def test_train_batches_augmentation_and_exact_resume():
-  x, y = _id_data()
+def test_train_batches_augmentation_per_record():
+  x, y = _id_data(n=24, hw=6)
   full = _epoch(x, y)
   plain = _epoch(x, y, augment=False)
   assert all(np.array_equal(a[1], b[1]) for a, b in zip(full, plain))
   assert not all(np.array_equal(a[0], b[0]) for a, b in zip(full, plain))
+  assert _same(full, _epoch(x, y, threads=2))
+  # every augmented record is a 4-pixel shifted (flipped) window of its image
+  flips = []
+  for xb, yb in full:
+    for image, label in zip(xb, yb):
+      raw = np.rint((image * STD + MEAN) * 255).astype(np.uint8)
+      matches = _window(x[label], 4, raw)
+      assert matches, label
+      flips.append(matches[0][2])
+  assert 0 < sum(flips) < len(flips)
+  # a record's augmentation differs between epochs
+  e1 = {int(l): i for xb, yb in _epoch(x, y, epoch=1) for i, l in zip(xb, yb)}
+  e0 = {int(l): i for xb, yb in full for i, l in zip(xb, yb)}
+  assert any(not np.array_equal(e0[k], e1[k]) for k in set(e0) & set(e1))
+
+
+def test_train_batches_exact_resume_from_batch_or_state():
+  x, y = _id_data()
+  full = _epoch(x, y)
   for k in (0, 2, 5, 6):
-    tail = _epoch(x, y, start_batch=k)
-    assert len(tail) == 6 - k
-    for (xa, ya), (xb, yb) in zip(full[k:], tail):
-      np.testing.assert_array_equal(xa, xb)
-      np.testing.assert_array_equal(ya, yb)
+    assert _same(full[k:], _epoch(x, y, start_batch=k))
   with pytest.raises(ValueError, match="start_batch"):
     images.train_batches(x, y, 8, seed=0, epoch=0, mean=MEAN, std=STD,
                          start_batch=7)
+  # the iterator state (what the trainer checkpoints) restores the position
+  it = images.train_batches(x, y, 8, seed=3, epoch=0, mean=MEAN, std=STD,
+                            threads=2, prefetch=3)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  it.close()
+  fresh = images.train_batches(x, y, 8, seed=3, epoch=0, mean=MEAN, std=STD)
+  fresh.set_state(state)
+  assert _same(full[3:], list(fresh))
 
 
 def test_eval_batches_cover_each_example_once():
@@ -491,52 +540,25 @@ def test_eval_batches_cover_each_example_once():
   assert list(images.eval_batches(x[:0], y[:0], 8, mean=MEAN, std=STD)) == []
 
 
-# ---------------------------------------------------------------- prefetch --
+def test_record_source_reads_memory_mapped_arrays(tmp_path):
+  x, y = _id_data(n=10)
+  np.save(tmp_path / "x.npy", x)
+  mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+  source = images.RecordSource(mapped, y)
+  assert len(source) == 10
+  image, label = source[7]
+  np.testing.assert_array_equal(image, x[7])
+  assert label == 7 and label.dtype == np.int32
+  assert _same(_epoch(mapped, y), _epoch(x, y))
 
-def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == "pdeq-prefetch"]
 
-
-def test_prefetch_same_sequence_and_errors():
-  assert list(images.prefetch(iter(range(100)), size=3)) == list(range(100))
+def test_loader_arguments():
   x, y = _id_data()
-  direct = _epoch(x, y)
-  fetched = list(images.prefetch(images.train_batches(
-      x, y, 8, seed=3, epoch=0, mean=MEAN, std=STD)))
-  assert all(np.array_equal(a[0], b[0]) for a, b in zip(direct, fetched))
-
-  def failing():
-    yield 1
-    yield 2
-    raise KeyError("producer failed")
-
-  got = []
-  with pytest.raises(KeyError, match="producer failed"):
-    for item in images.prefetch(failing()):
-      got.append(item)
-  assert got == [1, 2]
-  with pytest.raises(ValueError, match="size"):
-    images.prefetch(iter([]), size=0)
-
-
-def test_prefetch_stops_cleanly_when_consumer_stops():
-  closed = threading.Event()
-
-  def endless():
-    try:
-      yield from itertools.count()
-    finally:
-      closed.set()
-
-  before = len(_prefetch_threads())
-  stream = images.prefetch(endless(), size=2)
-  assert [next(stream) for _ in range(3)] == [0, 1, 2]
-  stream.close()
-  assert closed.wait(5.0)
-  deadline = time.monotonic() + 5.0
-  while len(_prefetch_threads()) > before and time.monotonic() < deadline:
-    time.sleep(0.01)
-  assert len(_prefetch_threads()) <= before
+  ds = images.eval_dataset(x, y, 8, mean=MEAN, std=STD)
+  for kw, what in (({"threads": -1}, "threads"), ({"prefetch": 0}, "prefetch"),
+                   ({"workers": 1.5}, "workers")):
+    with pytest.raises(ValueError, match=what):
+      images.loader(ds, **kw)
 
 
 # -------------------------------------------------------------- validation --
@@ -556,7 +578,7 @@ def test_invalid_arguments(folder, tmp_path):
   with pytest.raises(ValueError, match="uint8"):
     images.eval_batches(x.astype(np.float32), y, 8, mean=MEAN, std=STD)
   with pytest.raises(ValueError, match="1 or 3 channels"):
-    images.random_crop_flip(x[..., :2], np.random.default_rng(0))
+    images.random_crop_flip(x[0, ..., :2], np.random.default_rng(0))
   with pytest.raises(ValueError, match="NHWC"):
     images.train_batches(x[0], y[:4], 2, **kw)
   with pytest.raises(ValueError, match="seed"):
@@ -564,7 +586,7 @@ def test_invalid_arguments(folder, tmp_path):
   with pytest.raises(ValueError, match="std"):
     images.normalize(x, MEAN, np.zeros(3))
   with pytest.raises(ValueError, match="pad"):
-    images.random_crop_flip(x, np.random.default_rng(0), pad=-1)
+    images.random_crop_flip(x[0], np.random.default_rng(0), pad=-1)
   root = folder[0]
   for fraction in (1.0, -0.1, 1.5):
     with pytest.raises(ValueError, match="val_fraction"):

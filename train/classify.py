@@ -20,7 +20,9 @@ Layout as in the Flax ImageNet example: :func:`create_train_state`,
   recompiles.
 * Orbax checkpoints every ``checkpoint_every_steps`` steps and at every epoch
   end.  The batch stream is a pure function of (seed, epoch, batch index), so
-  a run killed anywhere and resumed ends bit-identical to an uninterrupted one.
+  a run killed anywhere and resumed ends bit-identical to an uninterrupted one;
+  the checkpoint also holds the grain input iterator's state, from which a
+  run killed mid-epoch continues.
 * Validation (``data.val_fraction`` of train) selects the reported model;
   test accuracy is given for the selected and for the final model.
 * At the end: the consistency report of Tables 4/5 and Fig. 3 (accuracy at b
@@ -308,12 +310,18 @@ class ArraySource:
   ``image_shape``, ``num_examples(split)``, ``train_batches(batch_size, seed,
   epoch, start_batch)`` (a pure function of its arguments, for exact
   resume) and ``eval_batches(split, batch_size, max_examples)`` (every
-  example once, the last batch padded and masked).
+  example once, the last batch padded and masked).  Both are grain
+  iterators (:func:`pdeq_jax.data.images.loader`: ``threads`` prefetching
+  threads, ``prefetch`` batches ahead, ``workers`` worker processes) whose
+  ``get_state()`` the trainer checkpoints.
   """
 
   def __init__(self, dataset: image_data.ImageDataset, augment: bool = True,
-               prefetch: int = 2):
-    self.dataset, self.augment, self.prefetch = dataset, augment, prefetch
+               prefetch: int = 2, threads: int = image_data.DEFAULT_THREADS,
+               workers: int = 0):
+    self.dataset, self.augment = dataset, augment
+    self.loader = {"prefetch": prefetch, "threads": threads,
+                   "workers": workers}
     self.name = dataset.name
     self.num_classes = dataset.num_classes
     self.image_shape = dataset.image_shape
@@ -330,10 +338,10 @@ class ArraySource:
   def train_batches(self, batch_size: int, seed: int, epoch: int,
                     start_batch: int = 0):
     images, labels = self._split("train")
-    return image_data.prefetch(image_data.train_batches(
+    return image_data.train_batches(
         images, labels, batch_size, seed=seed, epoch=epoch,
         mean=self.dataset.mean, std=self.dataset.std, augment=self.augment,
-        start_batch=start_batch), size=self.prefetch)
+        start_batch=start_batch, **self.loader)
 
   def eval_batches(self, split: str, batch_size: int, max_examples: int = 0):
     images, labels = self._split(split)
@@ -344,7 +352,7 @@ class ArraySource:
       images, labels = images[idx], labels[idx]
     return image_data.eval_batches(images, labels, batch_size,
                                    mean=self.dataset.mean,
-                                   std=self.dataset.std)
+                                   std=self.dataset.std, **self.loader)
 
 
 class TfdsStreamSource:
@@ -626,7 +634,22 @@ def make_source(config: ml_collections.ConfigDict,
                             augment=config.data.augment)
   data = dataset if dataset is not None else load_data(config)
   return ArraySource(data, augment=config.data.augment,
-                     prefetch=int(config.data.prefetch))
+                     prefetch=int(config.data.prefetch),
+                     threads=int(config.data.get(
+                         "threads", image_data.DEFAULT_THREADS)),
+                     workers=int(config.data.get("workers", 0)))
+
+
+def encode_data_state(position: Dict[str, Any]) -> np.ndarray:
+  """A data iterator's position (``{"step": n, "iterator": its get_state()}``
+  or ``{}``) as uint8 bytes, a leaf of the Orbax checkpoint."""
+  return np.frombuffer(repr(position).encode(), np.uint8).copy()
+
+
+def decode_data_state(array: Any) -> Dict[str, Any]:
+  """Inverse of :func:`encode_data_state`."""
+  import ast  # pylint: disable=import-outside-toplevel
+  return ast.literal_eval(np.asarray(array, np.uint8).tobytes().decode())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -694,9 +717,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   # shards straight into that sharding (another one could need cross-host
   # transfers, which multi-process CPU runs do not have).
   state = jax.device_put(state, replicated)
+  data_state: Dict[str, Any] = {}  # the input iterator's position
   if ckpt.latest_step() is not None:
-    restored = ckpt.restore({"state": state, "best": best})
+    target = {"state": state, "best": best}
+    saved_data = ckpt.metadata().get("data")
+    if saved_data is not None:  # (checkpoints before grain have none)
+      target["data"] = np.zeros(saved_data.shape, np.uint8)
+    restored = ckpt.restore(target)
     state, best = restored["state"], restored["best"]
+    if saved_data is not None:
+      data_state = decode_data_state(restored["data"])
     if verbose:
       print(f"resumed from {workdir} at step {int(state.step)}")
   state = jax.device_put(state, replicated)
@@ -709,6 +739,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     if step != saved["step"]:
       # Host copies: the next step donates the state's device buffers.
       tree = _host({"state": state, "best": best})
+      tree["data"] = encode_data_state(
+          {"step": step, "iterator": batches.get_state()}
+          if step % steps_per_epoch and hasattr(batches, "get_state") else {})
       stop({"parameters": tree["state"].params}, step)
       # the training metrics of the steps since the last log line, so that
       # a run resumed here logs the same means as an uninterrupted one
@@ -747,8 +780,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
     epoch, start_batch = divmod(step, steps_per_epoch)
     bits = bits_for_epoch(config, epoch)
     common.check_runtime_bits(bits)
+    resume = data_state.get("iterator") if start_batch and \
+        data_state.get("step") == step else None
+    data_state = {}
     batches = source.train_batches(batch_size, int(config.seed), epoch,
-                                   start_batch)
+                                   0 if resume is not None else start_batch)
+    if resume is not None:  # the checkpointed position of the iterator
+      batches.set_state(resume)
+      if resume.get("next_index", start_batch) != start_batch:
+        raise ValueError(f"the checkpointed input iterator is at batch "
+                         f"{resume['next_index']} of epoch {epoch + 1}, the "
+                         f"train state at batch {start_batch}")
     t_log = time.perf_counter()  # images/s of the training steps only
     for images, labels in batches:
       state, metrics = train_step(state, *to_global((images, labels), mesh),
@@ -778,9 +820,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
         save(step)
       if step >= stop_step:
         break
-    close = getattr(batches, "close", None)
-    if close is not None:
-      close()
     if step % steps_per_epoch == 0:
       variables = {"params": state.params, **state.model_state}
       val = evaluate(eval_step, variables,
@@ -811,6 +850,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
       save(step)
     elif step >= stop_step:
       save(step)  # interrupted mid-epoch (max_steps_this_call)
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
   ckpt.close()
   writer.close()
   train_seconds = time.perf_counter() - t_start

@@ -400,7 +400,8 @@ class Checkpointer:
     with _orbax_quiet():
       self.manager = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+          item_handlers=ocp.StandardCheckpointHandler())  # (for metadata)
 
   def latest_step(self) -> Optional[int]:
     with _orbax_quiet():
@@ -415,6 +416,15 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     return self._restore(step, ocp.args.StandardRestore(abstract))
+
+  def metadata(self, step: Optional[int] = None) -> Any:
+    """The saved tree's structure (nested dicts of array metadata with
+    ``shape`` and ``dtype``), without reading the arrays."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    with _orbax_quiet():
+      return self.manager.item_metadata(step).tree
 
   def restore_raw(self, step: Optional[int] = None) -> Any:
     """The saved tree as nested dicts of arrays, without a target."""

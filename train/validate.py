@@ -250,6 +250,9 @@ def image(config: ml_collections.ConfigDict, prefix: str = "config",
       integer_at_least(d[key], f"{prefix}.data.{key}", 0)
   if "prefetch" in d:
     integer_at_least(d.prefetch, f"{prefix}.data.prefetch", 1)
+  for key in ("threads", "workers"):  # grain loader threads, processes
+    if key in d:
+      integer_at_least(d[key], f"{prefix}.data.{key}", 0)
   m = config.model
   if "h" in m:
     positive(m.h, f"{prefix}.model.h", "step size h must be positive")

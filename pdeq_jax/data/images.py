@@ -3,14 +3,20 @@
 :func:`load_image_dataset` returns an :class:`ImageDataset`: uint8 NHWC
 train / validation / test images, int32 labels, the class names and the
 per-channel mean and std of the (final) training images.  The input pipeline
-helpers are plain numpy and need no accelerator:
+is `grain <https://github.com/google/grain>`_ over those arrays (no
+accelerator needed):
 
-* :func:`train_batches` -- one shuffled epoch of normalised (optionally
-  randomly cropped and flipped) batches; the stream is a pure function of
-  ``(seed, epoch, batch index)`` so a run can resume mid-epoch exactly.
-* :func:`eval_batches` -- every example once, the last batch zero-padded and
+* :class:`RecordSource` -- a grain random-access source of ``(image,
+  label)`` records over the (memory-mapped or in-memory) decoded arrays.
+* :func:`train_dataset` -- one epoch of shuffled, augmented
+  (:class:`CropFlip`), normalised batches as a grain ``MapDataset``, a pure
+  function of ``(seed, epoch, batch index)``.
+* :func:`eval_dataset` -- every example once, the last batch zero-padded and
   masked.
-* :func:`prefetch` -- runs an iterator ahead in a background thread.
+* :func:`loader` -- iterates a dataset with grain's prefetching threads and
+  optional worker processes; the iterator's state (``get_state``) is what
+  the trainers checkpoint for an exact mid-epoch resume.
+  :func:`train_batches` / :func:`eval_batches` combine the two.
 
 Datasets (the ``name`` argument of :func:`load_image_dataset`):
 
@@ -56,16 +62,15 @@ import json
 import lzma
 import os
 import pathlib
-import queue
 import shutil
 import tarfile
 import tempfile
-import threading
 import warnings
 from concurrent import futures
 from typing import (Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
                     Optional, Sequence, Tuple, Union)
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -270,128 +275,56 @@ def normalize(images_uint8: np.ndarray, mean: Any, std: Any) -> np.ndarray:
   return out
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *,
                      pad: int = 4, flip: bool = True) -> np.ndarray:
-  """Random ``pad``-pixel translation (zero padding) and horizontal flips.
+  """Random ``pad``-pixel translation (zero padding) and horizontal flip of
+  one image.
 
-  Each image is zero-padded by ``pad`` on every side and an ``H x W`` window
-  at a uniformly random offset in ``[0, 2 pad]^2`` is cut out; then, if
-  ``flip``, it is mirrored left-right with probability 1/2.  Vectorised: one
-  padding and one gather for the whole batch.  Draws from ``rng`` in this
-  order: the N row offsets, the N column offsets, then (if ``flip``) N
-  uniforms.
+  The image is (virtually) zero-padded by ``pad`` on every side and an
+  ``H x W`` window at a uniformly random offset in ``[0, 2 pad]^2`` is cut
+  out; then, if ``flip``, it is mirrored left-right with probability 1/2.
+  Draws from ``rng`` in this order: the row and column offsets (one
+  ``integers`` call of size 2), then (if ``flip``) one uniform.
 
   Args:
-    images: uint8 [N, H, W, C].
+    image: uint8 [H, W, C].
     rng: the generator to draw from.
     pad: padding in pixels (0: no translation).
     flip: whether to flip.
 
   Returns:
-    uint8 [N, H, W, C], a new array.
+    uint8 [H, W, C], a new array.
   """
-  _check_images(images)
+  if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or \
+      image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError("random_crop_flip expects a uint8 HWC image with 1 or 3 "
+                     f"channels, got {getattr(image, 'dtype', type(image))} "
+                     f"{getattr(image, 'shape', '')}")
   if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
     raise ValueError(f"pad must be a non-negative int, got {pad!r}")
   if not isinstance(rng, np.random.Generator):
     raise ValueError(f"rng must be a numpy Generator, got {type(rng)}")
-  n, h, w, _ = images.shape
-  if n == 0 or (pad == 0 and not flip):
-    return images.copy()
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) \
-      if pad else images
-  oy = rng.integers(0, 2 * pad + 1, size=n)
-  ox = rng.integers(0, 2 * pad + 1, size=n)
-  rows = oy[:, None] + np.arange(h)  # [N, H]
-  cols = ox[:, None] + np.arange(w)  # [N, W]
-  if flip:
-    flips = rng.random(n) < 0.5
-    cols = np.where(flips[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None],
-                cols[:, None, :]]
+  h, w = image.shape[:2]
+  if pad == 0 and not flip:
+    return image.copy()
+  dy, dx = rng.integers(0, 2 * pad + 1, size=2) - pad
+  out = np.zeros_like(image)
+  # output pixel (i, j) is input pixel (i + dy, j + dx), zero outside
+  out[max(-dy, 0):max(h - dy, 0), max(-dx, 0):max(w - dx, 0)] = \
+      image[max(dy, 0):max(h + dy, 0), max(dx, 0):max(w + dx, 0)]
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return out
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  """Full batches per epoch (:func:`train_batches` drops the remainder)."""
+  """Full batches per epoch (:func:`train_dataset` drops the remainder)."""
   batch_size = _check_batch_size(batch_size)
   if isinstance(num_examples, bool) or not isinstance(
       num_examples, (int, np.integer)) or num_examples < 0:
     raise ValueError(f"num_examples must be a non-negative int, got "
                      f"{num_examples!r}")
   return int(num_examples) // batch_size
-
-
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                  seed: int, epoch: int, mean: Any, std: Any,
-                  augment: bool = True, start_batch: int = 0
-                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-  """One training epoch of shuffled, augmented, normalised batches.
-
-  The order is ``np.random.default_rng((seed, epoch)).permutation(N)``; the
-  last incomplete batch is dropped.  Batch ``b`` is augmented (see
-  :func:`random_crop_flip`) with ``np.random.default_rng((seed, epoch, b))``,
-  so each batch is a pure function of ``(seed, epoch, b)`` and
-  ``start_batch=k`` yields exactly the batches ``k, k+1, ...`` of the full
-  stream (exact resumption mid-epoch).  Arguments are checked when called,
-  not when iteration starts.
-
-  Args:
-    images: uint8 [N, H, W, C].
-    labels: integer [N].
-    batch_size: B > 0.
-    seed, epoch: non-negative ints.
-    mean, std: per-channel statistics passed to :func:`normalize`.
-    augment: random 4-pixel crops and horizontal flips.
-    start_batch: first batch to yield, in ``[0, steps_per_epoch]``.
-
-  Yields:
-    ``(float32 [B, H, W, C] normalised images, int32 [B] labels)``.
-  """
-  _check_images(images)
-  _check_labels(labels, images)
-  batch_size = _check_batch_size(batch_size)
-  seed = _check_seed(seed, "seed")
-  epoch = _check_seed(epoch, "epoch")
-  num_steps = images.shape[0] // batch_size
-  if isinstance(start_batch, bool) or not isinstance(
-      start_batch, (int, np.integer)) or not 0 <= start_batch <= num_steps:
-    raise ValueError(f"start_batch must be an int in [0, {num_steps}], got "
-                     f"{start_batch!r}")
-  mean = _stats_vector(mean, images.shape[-1], "mean")
-  std = _stats_vector(std, images.shape[-1], "std")
-  return _train_batches(images, labels, batch_size, seed, epoch, mean, std,
-                        bool(augment), int(start_batch), num_steps)
-
-
-def _train_batches(images, labels, batch_size, seed, epoch, mean, std, augment,
-                   start_batch, num_steps):
-  order = np.random.default_rng((seed, epoch)).permutation(images.shape[0])
-  for b in range(start_batch, num_steps):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    x = images[idx]
-    if augment:
-      x = random_crop_flip(x, np.random.default_rng((seed, epoch, b)))
-    yield normalize(x, mean, std), labels[idx].astype(np.int32)
-
-
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                 mean: Any, std: Any
-                 ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Every example exactly once, in order, in batches of ``batch_size``.
-
-  The last batch is zero-padded (images and labels) to ``batch_size``; the
-  mask marks the real examples.  Arguments are checked when called.
-
-  Yields:
-    ``(float32 [B, H, W, C] normalised images, int32 [B] labels, float32 [B]
-    mask)`` with mask 1 for real examples and 0 for padding.
-  """
-  _check_images(images)
-  _check_labels(labels, images)
-  batch_size = _check_batch_size(batch_size)
-  mean = _stats_vector(mean, images.shape[-1], "mean")
-  std = _stats_vector(std, images.shape[-1], "std")
-  return _eval_batches(images, labels, batch_size, mean, std)
 
 
 def pad_batch(arrays: Sequence[np.ndarray], batch_size: int
@@ -410,82 +343,180 @@ def pad_batch(arrays: Sequence[np.ndarray], batch_size: int
                                         a.dtype)]) for a in arrays), mask)
 
 
-def _eval_batches(images, labels, batch_size, mean, std):
-  n = images.shape[0]
-  for start in range(0, n, batch_size):
-    yield pad_batch((normalize(images[start:start + batch_size], mean, std),
-                     labels[start:start + batch_size].astype(np.int32)),
-                    batch_size)
+# --------------------------------------------------------------------------
+# The input pipeline (grain)
+# --------------------------------------------------------------------------
+
+# Threads that read, augment and collate batches ahead of the consumer.  On a
+# 2-core machine one thread hides the input work behind the train step; more
+# only help on larger machines (see benchmarks/input_pipeline.py).
+DEFAULT_THREADS = 1
 
 
-def prefetch(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
-  """Produces up to ``size`` items of ``iterator`` ahead in a daemon thread.
+class RecordSource(grain.sources.RandomAccessDataSource):
+  """grain random-access source: record ``i`` is ``(uint8 [H, W, C] image,
+  int32 label)`` of the given arrays (in memory or memory-mapped)."""
 
-  The thread starts on the first ``next``.  An exception raised by the
-  producer is re-raised in the consumer (at the position it occurred).  When
-  the consumer stops early (``close()``, ``break`` out of a ``for`` loop,
-  garbage collection) the thread is told to stop, closes the source
-  iterator if it can and exits; it is a daemon, so a source blocked forever
-  cannot hang interpreter exit either.
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    _check_images(images)
+    _check_labels(labels, images)
+    self.images, self.labels = images, labels
 
-  Args:
-    iterator: any iterable (iterated in the background thread only).
-    size: queue length, >= 1.
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  def __getitem__(self, index):
+    return self.images[index], np.int32(self.labels[index])
+
+  def __repr__(self) -> str:
+    return f"RecordSource({self.images.shape[0]} images)"
+
+
+class CropFlip(grain.transforms.RandomMap):
+  """grain transform: :func:`random_crop_flip` on the record's image, with
+  the per-record generator grain derives from (seed, record index)."""
+
+  def __init__(self, pad: int = 4, flip: bool = True):
+    self.pad, self.flip = pad, flip
+
+  def random_map(self, element, rng: np.random.Generator):
+    image, label = element
+    return random_crop_flip(image, rng, pad=self.pad, flip=self.flip), label
+
+
+class Collate:
+  """grain batch function: stacks records into ``(float32 [B, H, W, C]
+  normalised images, int32 [B] labels)`` (normalisation vectorised over the
+  batch); with ``pad_to``, zero-pads to that size and appends the mask (see
+  :func:`pad_batch`)."""
+
+  def __init__(self, mean: Any, std: Any, pad_to: Optional[int] = None):
+    self.mean, self.std, self.pad_to = mean, std, pad_to
+
+  def __call__(self, records):
+    x = normalize(np.stack([r[0] for r in records]), self.mean, self.std)
+    y = np.fromiter((r[1] for r in records), np.int32, len(records))
+    return (x, y) if self.pad_to is None else pad_batch((x, y), self.pad_to)
+
+
+def _derived_seed(*entropy: int) -> int:
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def train_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                  seed: int, epoch: int, mean: Any, std: Any,
+                  augment: bool = True) -> "grain.MapDataset":
+  """The batches of one training epoch as a grain ``MapDataset``.
+
+  The records are shuffled by grain's ``MapDataset.shuffle`` over a repeated
+  source (a new order every epoch, a pure function of ``(seed, epoch)``);
+  epoch ``e`` is records ``[e N, e N + steps * B)`` of that stream, the last
+  incomplete batch dropped.  With ``augment`` every record gets a random
+  4-pixel crop and flip (:class:`CropFlip`) from a generator grain derives
+  from the seed and the record's position in the stream, so batch ``b`` of
+  epoch ``e`` is a pure function of ``(seed, e, b)``.  Arguments are checked
+  here.
 
   Returns:
-    A generator yielding the same items in the same order.
+    A ``MapDataset`` of ``steps_per_epoch(N, B)`` batches ``(float32 [B, H,
+    W, C] normalised images, int32 [B] labels)``.
   """
-  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
-      or size < 1:
-    raise ValueError(f"prefetch size must be a positive int, got {size!r}")
-  return _prefetch(iter(iterator), int(size))
+  source = RecordSource(images, labels)
+  batch_size = _check_batch_size(batch_size)
+  seed = _check_seed(seed, "seed")
+  epoch = _check_seed(epoch, "epoch")
+  mean = _stats_vector(mean, images.shape[-1], "mean")
+  std = _stats_vector(std, images.shape[-1], "std")
+  n = len(source)
+  steps = n // batch_size
+  ds = grain.MapDataset.source(source).shuffle(
+      seed=_derived_seed(seed, 0)).repeat()
+  if augment:
+    ds = ds.random_map(CropFlip(), seed=_derived_seed(seed, 1))
+  ds = ds.slice(slice(epoch * n, epoch * n + steps * batch_size))
+  return ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=Collate(mean, std))
 
 
-_ITEM, _DONE, _ERROR = range(3)
+def eval_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 mean: Any, std: Any) -> "grain.MapDataset":
+  """Every example once, in order, as a grain ``MapDataset`` of batches
+  ``(float32 [B, H, W, C] normalised images, int32 [B] labels, float32 [B]
+  mask)``; the last batch is zero-padded to ``batch_size`` and masked."""
+  source = RecordSource(images, labels)
+  batch_size = _check_batch_size(batch_size)
+  mean = _stats_vector(mean, images.shape[-1], "mean")
+  std = _stats_vector(std, images.shape[-1], "std")
+  return grain.MapDataset.source(source).batch(
+      batch_size, batch_fn=Collate(mean, std, pad_to=batch_size))
 
 
-def _prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  channel: "queue.Queue[Tuple[int, Any]]" = queue.Queue(maxsize=size)
-  stop = threading.Event()
+def _check_count(value: Any, what: str, low: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+      or value < low:
+    raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+  return int(value)
 
-  def put(message) -> bool:
-    while not stop.is_set():
-      try:
-        channel.put(message, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
 
-  def produce():
-    try:
-      for item in iterator:
-        if not put((_ITEM, item)):
-          return
-      put((_DONE, None))
-    except BaseException as e:  # pylint: disable=broad-except
-      put((_ERROR, e))
-    finally:
-      if stop.is_set():
-        close = getattr(iterator, "close", None)
-        if close is not None:
-          with contextlib.suppress(Exception):
-            close()
+def loader(dataset: "grain.MapDataset", *, threads: int = DEFAULT_THREADS,
+           prefetch: int = 2, workers: int = 0) -> "grain.DatasetIterator":
+  """Iterates ``dataset`` with grain: ``threads`` threads compute up to
+  ``prefetch`` elements ahead (0 threads: in the consumer's thread, nothing
+  ahead); ``workers > 0`` adds that many worker processes
+  (``mp_prefetch``), each ``prefetch`` elements ahead.
 
-  thread = threading.Thread(target=produce, name="pdeq-prefetch", daemon=True)
-  thread.start()
-  try:
-    while True:
-      kind, payload = channel.get()
-      if kind == _ITEM:
-        yield payload
-      elif kind == _ERROR:
-        raise payload
-      else:
-        return
-  finally:
-    stop.set()
-    thread.join(timeout=2.0)
+  The iterator's ``get_state()`` / ``set_state()`` give its position for
+  checkpoints; ``close()`` stops its threads and processes.
+  """
+  threads = _check_count(threads, "threads", 0)
+  prefetch = _check_count(prefetch, "prefetch", 1)
+  workers = _check_count(workers, "workers", 0)
+  ds = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=prefetch if threads else 0))
+  if workers:
+    # grain reads an absl flag in its workers; programs without absl
+    # flag parsing (tests, notebooks) would fail on it.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=prefetch))
+  return iter(ds)
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                  seed: int, epoch: int, mean: Any, std: Any,
+                  augment: bool = True, start_batch: int = 0,
+                  threads: int = DEFAULT_THREADS, prefetch: int = 2,
+                  workers: int = 0) -> "grain.DatasetIterator":
+  """:func:`train_dataset` through :func:`loader`, from batch ``start_batch``.
+
+  ``start_batch=k`` yields exactly the batches ``k, k+1, ...`` of the full
+  epoch (exact resumption mid-epoch); a checkpointed ``get_state()`` of the
+  returned iterator restored with ``set_state()`` does the same.
+  """
+  ds = train_dataset(images, labels, batch_size, seed=seed, epoch=epoch,
+                     mean=mean, std=std, augment=augment)
+  if isinstance(start_batch, bool) or not isinstance(
+      start_batch, (int, np.integer)) or not 0 <= start_batch <= len(ds):
+    raise ValueError(f"start_batch must be an int in [0, {len(ds)}], got "
+                     f"{start_batch!r}")
+  it = loader(ds, threads=threads, prefetch=prefetch, workers=workers)
+  if start_batch and not workers:
+    it.set_state({"next_index": int(start_batch)})
+  else:  # the worker processes' state is theirs to define: skip ahead
+    for _ in range(start_batch):
+      next(it)
+  return it
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 mean: Any, std: Any, threads: int = DEFAULT_THREADS,
+                 prefetch: int = 2, workers: int = 0
+                 ) -> "grain.DatasetIterator":
+  """:func:`eval_dataset` through :func:`loader`."""
+  return loader(eval_dataset(images, labels, batch_size, mean=mean, std=std),
+                threads=threads, prefetch=prefetch, workers=workers)
 
 
 # --------------------------------------------------------------------------

@@ -654,3 +654,23 @@ def test_real_cifar10_jpeg_cached_load(real_cifar, data_dir, monkeypatch):
   assert np.bincount(small.test_labels).tolist() == [5] * 10
   idx = images.balanced_subset(full.test_labels, 50, (0, 3))
   np.testing.assert_array_equal(small.test_images, full.test_images[idx])
+
+
+def test_worker_processes_give_the_same_stream():
+  x, y = _id_data(n=24)
+  kw = {"seed": 3, "epoch": 1, "mean": MEAN, "std": STD}
+  ref = list(images.train_batches(x, y, 8, threads=0, **kw))
+  it = images.train_batches(x, y, 8, workers=1, **kw)
+  try:
+    first = next(it)
+    state = it.get_state()
+    rest = list(it)
+  finally:
+    it.close()
+  assert _same(ref, [first] + rest)
+  again = images.train_batches(x, y, 8, workers=1, **kw)
+  try:
+    again.set_state(state)
+    assert _same(ref[1:], list(again))
+  finally:
+    again.close()

@@ -394,9 +394,29 @@ class Collate:
     self.mean, self.std, self.pad_to = mean, std, pad_to
 
   def __call__(self, records):
-    x = normalize(np.stack([r[0] for r in records]), self.mean, self.std)
-    y = np.fromiter((r[1] for r in records), np.int32, len(records))
+    return self.arrays(np.stack([r[0] for r in records]),
+                       np.fromiter((r[1] for r in records), np.int32,
+                                   len(records)))
+
+  def arrays(self, images: np.ndarray, labels: np.ndarray):
+    """The batch of uint8 ``images`` and their ``labels``."""
+    x = normalize(np.asarray(images), self.mean, self.std)
+    y = np.asarray(labels, np.int32)
     return (x, y) if self.pad_to is None else pad_batch((x, y), self.pad_to)
+
+
+class _Slice:
+  """grain map: batch index ``b`` -> :class:`Collate` of records ``[b B,
+  (b + 1) B)`` of ``source``, read as one slice (evaluation needs no
+  per-record work)."""
+
+  def __init__(self, source: RecordSource, batch_size: int, collate: Collate):
+    self.source, self.batch_size, self.collate = source, batch_size, collate
+
+  def __call__(self, b):
+    part = slice(int(b) * self.batch_size, (int(b) + 1) * self.batch_size)
+    return self.collate.arrays(self.source.images[part],
+                               self.source.labels[part])
 
 
 def _derived_seed(*entropy: int) -> int:
@@ -447,8 +467,8 @@ def eval_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   batch_size = _check_batch_size(batch_size)
   mean = _stats_vector(mean, images.shape[-1], "mean")
   std = _stats_vector(std, images.shape[-1], "std")
-  return grain.MapDataset.source(source).batch(
-      batch_size, batch_fn=Collate(mean, std, pad_to=batch_size))
+  return grain.MapDataset.range(-(-len(source) // batch_size)).map(
+      _Slice(source, batch_size, Collate(mean, std, pad_to=batch_size)))
 
 
 def _check_count(value: Any, what: str, low: int) -> int:

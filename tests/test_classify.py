@@ -111,6 +111,8 @@ def test_bad_config_args(arg, match):
     ("optim.schedule", "linear", "schedule"),
     ("optim.weight_decay_on", "biases", "weight_decay_on"),
     ("quant.epochs_per_step", 0, "epochs_per_step"),
+    ("data.threads", -1, "data.threads"),
+    ("data.workers", -2, "data.workers"),
 ])
 def test_bad_config_values(key, value, match):
   with pytest.raises(ValueError, match=match):

@@ -307,8 +307,8 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *,
   h, w = image.shape[:2]
   if pad == 0 and not flip:
     return image.copy()
-  dy, dx = rng.integers(0, 2 * pad + 1, size=2) - pad
-  out = np.zeros_like(image)
+  dy, dx = (v - pad for v in rng.integers(0, 2 * pad + 1, size=2).tolist())
+  out = np.zeros(image.shape, np.uint8)
   # output pixel (i, j) is input pixel (i + dy, j + dx), zero outside
   out[max(-dy, 0):max(h - dy, 0), max(-dx, 0):max(w - dx, 0)] = \
       image[max(dy, 0):max(h + dy, 0), max(dx, 0):max(w + dx, 0)]

@@ -428,14 +428,12 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
                   augment: bool = True) -> "grain.MapDataset":
   """The batches of one training epoch as a grain ``MapDataset``.
 
-  The records are shuffled by grain's ``MapDataset.shuffle`` over a repeated
-  source (a new order every epoch, a pure function of ``(seed, epoch)``);
-  epoch ``e`` is records ``[e N, e N + steps * B)`` of that stream, the last
-  incomplete batch dropped.  With ``augment`` every record gets a random
-  4-pixel crop and flip (:class:`CropFlip`) from a generator grain derives
-  from the seed and the record's position in the stream, so batch ``b`` of
-  epoch ``e`` is a pure function of ``(seed, e, b)``.  Arguments are checked
-  here.
+  The records are shuffled by grain's ``MapDataset.shuffle`` seeded from
+  ``(seed, epoch)``, and batched with the last incomplete batch dropped.
+  With ``augment`` every record gets a random 4-pixel crop and flip
+  (:class:`CropFlip`) from a generator grain derives from a seed of ``(seed,
+  epoch)`` and the record's position in the epoch, so batch ``b`` of epoch
+  ``e`` is a pure function of ``(seed, e, b)``.  Arguments are checked here.
 
   Returns:
     A ``MapDataset`` of ``steps_per_epoch(N, B)`` batches ``(float32 [B, H,
@@ -447,13 +445,10 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   epoch = _check_seed(epoch, "epoch")
   mean = _stats_vector(mean, images.shape[-1], "mean")
   std = _stats_vector(std, images.shape[-1], "std")
-  n = len(source)
-  steps = n // batch_size
   ds = grain.MapDataset.source(source).shuffle(
-      seed=_derived_seed(seed, 0)).repeat()
+      seed=_derived_seed(seed, epoch, 0))
   if augment:
-    ds = ds.random_map(CropFlip(), seed=_derived_seed(seed, 1))
-  ds = ds.slice(slice(epoch * n, epoch * n + steps * batch_size))
+    ds = ds.random_map(CropFlip(), seed=_derived_seed(seed, epoch, 1))
   return ds.batch(batch_size, drop_remainder=True,
                   batch_fn=Collate(mean, std))
 

@@ -312,8 +312,9 @@ class ArraySource:
   resume) and ``eval_batches(split, batch_size, max_examples)`` (every
   example once, the last batch padded and masked).  Both are grain
   iterators (:func:`pdeq_jax.data.images.loader`: ``threads`` prefetching
-  threads, ``prefetch`` batches ahead, ``workers`` worker processes) whose
-  ``get_state()`` the trainer checkpoints.
+  threads, ``prefetch`` batches ahead, ``workers`` worker processes for
+  training); the trainer checkpoints the training iterator's
+  ``get_state()``.
   """
 
   def __init__(self, dataset: image_data.ImageDataset, augment: bool = True,
@@ -350,9 +351,11 @@ class ArraySource:
       # prefix would hold only a few classes.
       idx = np.sort(image_data.balanced_subset(labels, max_examples, 0))
       images, labels = images[idx], labels[idx]
+    # Evaluation batches are slices (no per-record work): no processes.
     return image_data.eval_batches(images, labels, batch_size,
                                    mean=self.dataset.mean,
-                                   std=self.dataset.std, **self.loader)
+                                   std=self.dataset.std,
+                                   **{**self.loader, "workers": 0})
 
 
 class TfdsStreamSource:

@@ -82,6 +82,21 @@ def codes(x: Array, bw: int, f: int) -> np.ndarray:
       np.int64)
 
 
+def encode_format(bw: Array, f: Array) -> Array:
+  """``(BW, F)`` as one exact float32 ``256 BW + F + 128`` (``F`` in
+  [-64, 64]): a format riding in a scalar slot such as the PDE-GCN's
+  per-layer ``alpha`` (grid ``"fixed_point"``)."""
+  return (256 * jnp.asarray(bw, jnp.int32) + jnp.asarray(f, jnp.int32)
+          + 128).astype(jnp.float32)
+
+
+def decode_format(code: Array) -> Tuple[Array, Array]:
+  """Inverse of :func:`encode_format`: ``(bw, f)`` int32."""
+  code = jnp.round(jnp.asarray(code)).astype(jnp.int32)
+  bw = code // 256
+  return bw, code - 256 * bw - 128
+
+
 def check_format(bw: Any, f: Any, name: str = "format") -> None:
   """``ValueError`` unless ``bw`` in [2, 32] and ``f`` an int in [-64, 64]."""
   if isinstance(bw, bool) or not isinstance(bw, (int, np.integer)) or \
@@ -604,3 +619,166 @@ class FlaxProgram:
       hits = sum(correct(variables, *b, bw, f) for b in data)
       return 100.0 * float(hits) / total
     return evaluate
+
+
+# ------------------------------------------------------------- PDE-GCN ---
+
+class GCNProgram:
+  """A PDE-GCN (:class:`pdeq_jax.models.pde_gcn.PDEGCN`) with fixed-point
+  formats.
+
+  Its diffusion layers are pure functions under ``lax.scan``, so formats
+  enter as data: the weights (opening kernel, every ``K_j`` (and ``K₂_j``),
+  closing kernel) are quantized in the parameter tree, per layer; the
+  activations (every layer's input state and its tanh output) go through the
+  model's own quantizer slots, whose ``alpha`` holds the per-layer ``(BW,
+  F)`` when the grid is ``"fixed_point"``; the opening layer's input (the
+  features) and the closing layer's input (the last state) are quantized by
+  interception of the ``open`` / ``close`` modules.
+
+  ``model`` must be created with ``quantize_activations=True,
+  quantize_weights=False, grid="fixed_point"``.  Products: ``open`` (one
+  multiplication per stored feature value and output channel), ``K x`` and
+  ``Kᵀ e`` / ``K₂ e`` (``N C²`` each, the latter paired with the tanh
+  format), ``close``.  The graph weights of ``S`` stay in float.
+  """
+
+  def __init__(self, model: nn.Module, params: Any, features: Any, graph: Any,
+               num_classes: int):
+    if model.grid != "fixed_point" or not model.quantize_activations or \
+        model.quantize_weights:
+      raise ValueError("GCNProgram needs a PDEGCN created with grid="
+                       "'fixed_point', quantize_activations=True, "
+                       "quantize_weights=False")
+    self.model, self.features, self.graph = model, features, graph
+    depth, width = params["kernel"].shape[:2]
+    nodes = graph.num_nodes
+    edges = int(graph.senders.shape[0])
+    sparse = hasattr(features, "values")
+    n_in = int(features.values.shape[0]) if sparse else int(
+        np.prod(features.shape))
+    macs_open = n_in * width
+    sites = [Site("open/in", "act", n_in),
+             Site("open/kernel", "weight", int(np.prod(
+                 params["open"]["kernel"].shape)))]
+    products = [Product("open/kernel", "open/in", macs_open)]
+    self.idx = {"state": [], "K": [], "tanh": [], "K2": []}
+    symmetric = params.get("kernel_out") is None
+    for j in range(depth):
+      names = {"state": (f"layer{j + 1}/state", "act", nodes * width),
+               "K": (f"layer{j + 1}/K", "weight", width * width),
+               "tanh": (f"layer{j + 1}/tanh", "act", edges * width)}
+      if not symmetric:
+        names["K2"] = (f"layer{j + 1}/K2", "weight", width * width)
+      for key, (name, kind, size) in names.items():
+        self.idx[key].append(len(sites))
+        sites.append(Site(name, kind, size))
+      mac = nodes * width * width
+      products.append(Product(f"layer{j + 1}/K", f"layer{j + 1}/state", mac))
+      products.append(Product(f"layer{j + 1}/K" if symmetric else
+                              f"layer{j + 1}/K2", f"layer{j + 1}/tanh", mac))
+    sites += [Site("close/in", "act", nodes * width),
+              Site("close/kernel", "weight", width * num_classes)]
+    products.append(Product("close/kernel", "close/in",
+                            nodes * width * num_classes))
+    self.idx = {k: np.asarray(v, np.int32) for k, v in self.idx.items()}
+    self.symmetric = symmetric
+    self.sites, self.products = sites, products
+    self.index = {s.name: i for i, s in enumerate(sites)}
+
+  def _params(self, params, bw, f):
+    i = self.index
+    q = lambda w, k: fixed_point(w, bw[k], f[k])
+    per_layer = lambda w, k: fixed_point(w, bw[k][:, None, None],
+                                         f[k][:, None, None])
+    pair = lambda k: encode_format(bw[k], f[k])
+    p = dict(params)
+    p["open"] = {"kernel": q(params["open"]["kernel"], i["open/kernel"])}
+    p["close"] = {"kernel": q(params["close"]["kernel"], i["close/kernel"])}
+    p["kernel"] = per_layer(params["kernel"], self.idx["K"])
+    if not self.symmetric:
+      p["kernel_out"] = per_layer(params["kernel_out"], self.idx["K2"])
+    p["alpha_state"] = pair(self.idx["state"])
+    p["alpha_act"] = pair(self.idx["tanh"])
+    return p
+
+  def _run(self, params, bw, f, seen=None, return_hidden=False):
+    i = self.index
+
+    def quantize_input(x, k):
+      if seen is not None:
+        values = x.values if hasattr(x, "values") else x
+        seen[k] = values
+      if hasattr(x, "values"):
+        return x.replace(values=fixed_point(x.values, bw[i[k]], f[i[k]]))
+      return fixed_point(x, bw[i[k]], f[i[k]])
+
+    def icpt(next_fun, args, kwargs, context):
+      name = context.module.name
+      if context.method_name == "__call__" and name in ("open", "close"):
+        args = (quantize_input(args[0], f"{name}/in"),) + tuple(args[1:])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(icpt):
+      return self.model.apply({"params": self._params(params, bw, f)},
+                              self.features, self.graph,
+                              layers.FLOAT_BITS, return_hidden=return_hidden)
+
+  def apply(self, params, bw, f) -> Array:
+    """Log-probabilities [N, classes] at formats ``(bw, f)`` (traceable)."""
+    return self._run(params, bw, f)
+
+  def calibrate(self, params, nodes: np.ndarray) -> None:
+    """Peaks of the float network on the calibration ``nodes`` (their rows
+    of every state, and the edges touching them for the tanh outputs)."""
+    nodes = np.asarray(nodes)
+    if nodes.size == 0:
+      raise ValueError("calibration needs at least one node")
+    zeros = jnp.zeros(len(self.sites), jnp.int32)
+    seen: Dict[str, Array] = {}
+    _, hidden = self._run(params, zeros, zeros, seen, return_hidden=True)
+    mask = np.zeros(self.graph.num_nodes, bool)
+    mask[nodes] = True
+    senders = np.asarray(self.graph.senders)
+    receivers = np.asarray(self.graph.receivers)
+    edge_mask = jnp.asarray(mask[senders] | mask[receivers])
+    rows = jnp.asarray(nodes)
+    peak = {}
+    features = self.features
+    if hasattr(features, "values"):
+      keep = mask[np.asarray(features.rows)]
+      peak["open/in"] = float(jnp.max(jnp.abs(features.values[keep])))
+    else:
+      peak["open/in"] = float(jnp.max(jnp.abs(features[rows])))
+    peak["open/kernel"] = float(jnp.max(jnp.abs(params["open"]["kernel"])))
+    peak["close/kernel"] = float(jnp.max(jnp.abs(params["close"]["kernel"])))
+    peak["close/in"] = float(jnp.max(jnp.abs(seen["close/in"][rows])))
+    for j in range(params["kernel"].shape[0]):
+      kernel = params["kernel"][j]
+      tanh = jnp.tanh(self.graph.gradient(hidden[j] @ kernel))
+      peak[f"layer{j + 1}/state"] = float(jnp.max(jnp.abs(hidden[j][rows])))
+      peak[f"layer{j + 1}/tanh"] = float(jnp.max(jnp.where(
+          edge_mask[:, None], jnp.abs(tanh), 0.0)))
+      peak[f"layer{j + 1}/K"] = float(jnp.max(jnp.abs(kernel)))
+      if not self.symmetric:
+        peak[f"layer{j + 1}/K2"] = float(jnp.max(jnp.abs(
+            params["kernel_out"][j])))
+    self.sites = [dataclasses.replace(s, max_abs=peak[s.name])
+                  for s in self.sites]
+
+  def accuracy_fn(self, params, labels, nodes
+                  ) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``evaluate(bw, f) -> accuracy %`` on ``nodes`` (one compilation)."""
+    nodes = jnp.asarray(nodes)
+    if nodes.size == 0:
+      raise ValueError("the evaluation node set is empty")
+    labels = jnp.asarray(labels)
+
+    @jax.jit
+    def correct(params, bw, f):
+      logits = self.apply(params, bw, f)
+      return jnp.mean(jnp.argmax(logits[nodes], -1) == labels[nodes])
+
+    self.correct_fn = correct
+    return lambda bw, f: 100.0 * float(correct(
+        params, jnp.asarray(bw, jnp.int32), jnp.asarray(f, jnp.int32)))

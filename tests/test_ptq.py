@@ -222,3 +222,42 @@ def test_cli_clear_errors(float_run, tmp_path):
 def ml_config(d):
   import ml_collections  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(d)
+
+
+def test_encode_decode_format():
+  bw, f = jnp.array([0, 2, 8, 16]), jnp.array([0, -64, 7, 64])
+  got = ptq.decode_format(ptq.encode_format(bw, f))
+  np.testing.assert_array_equal(got[0], bw)
+  np.testing.assert_array_equal(got[1], f)
+
+
+def test_gcn_on_cora_float_formats_exact_and_budget_kept(data_dir, tmp_path):
+  """A 2-layer PDE-GCN trained briefly in float on Cora: all-float formats
+  give the model's own output; the sequential search keeps the budget."""
+  import configs.pde_gcn as gcn_configs  # pylint: disable=import-outside-toplevel
+  from train import node_classify  # pylint: disable=import-outside-toplevel
+  config = gcn_configs.get_config("cora,nonsym,fp")
+  config.data.data_dir = str(data_dir)
+  config.model.depth, config.model.width = 2, 16
+  config.num_epochs, config.checkpoint_every, config.patience = 20, 10, 0
+  node_classify.train_and_evaluate(config, str(tmp_path / "run"),
+                                   verbose=False)
+  loaded = classify.load_run_config(tmp_path / "run")
+  params = ptq_cli.load_gcn_params(tmp_path / "run")
+  program, problem, _ = ptq_cli.gcn_problem(loaded, params)
+  assert [s.name for s in program.sites[:6]] == [
+      "open/in", "open/kernel", "layer1/state", "layer1/K", "layer1/tanh",
+      "layer1/K2"]
+  task = node_classify.load_task(loaded)
+  model = node_classify.create_model(loaded, task.num_classes)
+  zeros = np.zeros(len(program.sites), np.int32)
+  np.testing.assert_array_equal(
+      program.apply(params, zeros, zeros),
+      model.apply({"params": params}, task.features, task.graph))
+  for bits in (8, 3):
+    problem.evaluate(*ptq.uniform_formats(program.sites, bits))
+  assert program.correct_fn._cache_size() == 1
+  row = ptq_cli.run_ptq(str(tmp_path / "run"), budget=1.0,
+                        outdir=str(tmp_path / "ptq"))
+  assert row["val_drop"] <= 1.0 + 1e-9
+  assert row["float_val_acc"] > 40.0

@@ -110,6 +110,45 @@ def image_problem(config, variables, *, val_examples: int,
   return program, problem, test_fn
 
 
+TASKS = ("image_classification", "node_classification")
+
+
+def load_gcn_params(workdir: pathlib.Path, which: str = "best"):
+  """The selected (``best``) or last parameters of a node-classification run."""
+  ckpt = common.Checkpointer(workdir / "checkpoints")
+  tree = ckpt.restore_raw()
+  ckpt.close()
+  if which == "best" and int(np.asarray(tree["best"]["epoch"])) >= 0:
+    params = tree["best"]["params"]
+  else:
+    params = tree["params"]
+  return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def gcn_problem(config, params):
+  """``(program, problem, test_fn)`` for a PDE-GCN node-classification run:
+  formats selected on the validation nodes, calibrated on the training
+  nodes, test nodes reported."""
+  from pdeq_jax import models  # pylint: disable=import-outside-toplevel
+  from train import node_classify  # pylint: disable=import-outside-toplevel
+  task = node_classify.load_task(config)
+  if int(task.val_idx.shape[0]) == 0:
+    raise ValueError(f"{config.data.name}: the validation split is empty: "
+                     "PTQ selects formats on validation, never on test")
+  options = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  options["grid"] = "fixed_point"
+  model = models.create(config.model.name, task.num_classes,
+                        quantize_activations=True, quantize_weights=False,
+                        **options)
+  program = ptq.GCNProgram(model, params, task.features, task.graph,
+                           task.num_classes)
+  program.calibrate(params, np.asarray(task.train_idx))
+  evaluate = program.accuracy_fn(params, task.labels, task.val_idx)
+  problem = ptq.Problem(program.sites, program.products, evaluate)
+  test = program.accuracy_fn(params, task.labels, task.test_idx)
+  return program, problem, lambda bw, f, max_examples=0: test(bw, f)
+
+
 def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
             outdir: str = "", val_examples: int = 2000,
             calib_examples: int = 512, test_examples: int = 0,
@@ -127,15 +166,20 @@ def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
   path = pathlib.Path(workdir)
   config = classify.load_run_config(path)
   check_float_run(config, path)
-  if config.get("task") != "image_classification":
-    raise ValueError(f"{path}: task {config.get('task')!r} is not supported "
-                     "by train.ptq (allowed: 'image_classification')")
-  variables = jax.tree_util.tree_map(
-      jnp.asarray, classify.load_source_variables(str(path), which))
+  task = config.get("task")
+  if task not in TASKS:
+    raise ValueError(f"{path}: task {task!r} is not supported by train.ptq "
+                     f"(allowed: {', '.join(map(repr, TASKS))})")
   start = time.perf_counter()
-  _, problem, test_fn = image_problem(
-      config, variables, val_examples=val_examples,
-      calib_examples=calib_examples, dataset=dataset)
+  if task == "image_classification":
+    variables = jax.tree_util.tree_map(
+        jnp.asarray, classify.load_source_variables(str(path), which))
+    _, problem, test_fn = image_problem(
+        config, variables, val_examples=val_examples,
+        calib_examples=calib_examples, dataset=dataset)
+  else:
+    _, problem, test_fn = gcn_problem(config, load_gcn_params(path, which))
+    val_examples, calib_examples = "all", "training-node"
   setup_s = time.perf_counter() - start
   kwargs = {} if search == "uniform8" else {"min_bits": min_bits,
                                             "max_bits": max_bits}

@@ -254,8 +254,9 @@ def test_gcn_on_cora_float_formats_exact_and_budget_kept(data_dir, tmp_path):
   np.testing.assert_array_equal(
       program.apply(params, zeros, zeros),
       model.apply({"params": params}, task.features, task.graph))
-  for bits in (8, 3):
-    problem.evaluate(*ptq.uniform_formats(program.sites, bits))
+  evaluate = program.accuracy_fn(params, task.labels, task.val_idx)
+  for bits in (8, 3, 5):
+    evaluate(*ptq.uniform_formats(program.sites, bits))
   assert program.correct_fn._cache_size() == 1
   row = ptq_cli.run_ptq(str(tmp_path / "run"), budget=1.0,
                         outdir=str(tmp_path / "ptq"))

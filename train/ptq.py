@@ -179,7 +179,7 @@ def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
         calib_examples=calib_examples, dataset=dataset)
   else:
     _, problem, test_fn = gcn_problem(config, load_gcn_params(path, which))
-    val_examples, calib_examples = "all", "training-node"
+    val_examples, calib_examples = "all validation-node", "all training-node"
   setup_s = time.perf_counter() - start
   kwargs = {} if search == "uniform8" else {"min_bits": min_bits,
                                             "max_bits": max_bits}
@@ -221,8 +221,9 @@ def report(r: Dict[str, Any], formats, problem: ptq.Problem) -> str:
   text = (f"# PTQ of {r['model']} on {r['dataset']}: {r['search']} search, "
           f"budget {r['budget']} % points\n\n"
           f"Run: `{r['workdir']}`. Formats selected on {r['val_examples']} "
-          f"validation images, activations calibrated on "
-          f"{r['calib_examples']} training images; test reported beside.\n\n")
+          f"validation examples, activations calibrated on "
+          f"{r['calib_examples']} training examples; test reported beside."
+          "\n\n")
   rows = [
       ["accuracy (val, %)", f"{r['float_val_acc']:.2f}",
        f"{r['val_acc']:.2f}", f"{-r['val_drop']:+.2f}"],
@@ -234,7 +235,7 @@ def report(r: Dict[str, Any], formats, problem: ptq.Problem) -> str:
       ["cost", "PTQ", "all 8-bit", "vs 8-bit"],
       [["weight memory (KiB)", f"{r['memory_kib']:.2f}",
         f"{r['memory_kib_8bit']:.2f}", f"{r['memory_vs_8bit']:+.1%}"],
-       ["multiplication cost (BW_w·BW_a·MACs / image)",
+       ["multiplication cost (BW_w·BW_a·MACs per example; GCN: graph)",
         f"{r['mult_cost']:.4g}", f"{r['mult_cost_8bit']:.4g}",
         f"{r['mult_vs_8bit']:+.1%}"]])
   text += (f"\nSearch: {r['evaluations']} evaluations in "

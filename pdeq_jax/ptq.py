@@ -294,15 +294,15 @@ def _search_site(ok: Callable[[int, int], bool], max_abs: float,
   returned.
   """
   frac = lambda b: init_frac(max_abs, b)
-  if not ok(max_bits, frac(max_bits)):
-    return None
-  lo, hi = min_bits, max_bits            # hi accepted
+  lo, hi = min_bits, max_bits            # hi: accepted, or not yet tried
   while lo < hi:
     mid = (lo + hi) // 2
     if ok(mid, frac(mid)):
       hi = mid
     else:
       lo = mid + 1
+  if hi == max_bits and not ok(max_bits, frac(max_bits)):
+    return None
   bw, f = hi, frac(hi)
   lo, hi = min_bits, bw                  # stage 2: F fixed
   while lo < hi:

@@ -224,7 +224,10 @@ class Problem:
   (validation)."""
   sites: List[Site]
   products: List[Product]
-  evaluate: Callable[[np.ndarray, np.ndarray], float]
+  evaluate: Callable[..., float]
+  # evaluate(bw, f, at_least=a) may stop early and return any value < a once
+  # the accuracy is certain to be below a (a rejected candidate)
+  early_exit: bool = False
 
   def __post_init__(self):
     names = [s.name for s in self.sites]
@@ -275,10 +278,12 @@ class _Counter:
   def __init__(self, problem: Problem):
     self.problem, self.calls = problem, 0
 
-  def __call__(self, bw, f) -> float:
+  def __call__(self, bw, f, at_least: Optional[float] = None) -> float:
     self.calls += 1
-    return float(self.problem.evaluate(np.asarray(bw, np.int32),
-                                       np.asarray(f, np.int32)))
+    args = (np.asarray(bw, np.int32), np.asarray(f, np.int32))
+    if at_least is not None and self.problem.early_exit:
+      return float(self.problem.evaluate(*args, at_least=at_least))
+    return float(self.problem.evaluate(*args))
 
 
 def _search_site(ok: Callable[[int, int], bool], max_abs: float,
@@ -343,7 +348,8 @@ def sequential_search(problem: Problem, budget: float, *,
     def ok(b, fr, i=i, allowed=allowed, seen=seen):
       trial_bw, trial_f = bw.copy(), f.copy()
       trial_bw[i], trial_f[i] = b, fr
-      seen[(b, fr)] = evaluate(trial_bw, trial_f)
+      seen[(b, fr)] = evaluate(trial_bw, trial_f,
+                               at_least=base - allowed - 1e-9)
       return base - seen[(b, fr)] <= allowed + 1e-9
 
     chosen = _search_site(ok, site.max_abs, min_bits, max_bits)
@@ -373,7 +379,8 @@ def independent_search(problem: Problem, budget: float, *,
     def ok(b, fr, i=i):
       trial_bw, trial_f = zeros.copy(), zeros.copy()
       trial_bw[i], trial_f[i] = b, fr
-      return base - evaluate(trial_bw, trial_f) <= budget + 1e-9
+      return base - evaluate(trial_bw, trial_f,
+                             at_least=base - budget - 1e-9) <= budget + 1e-9
 
     chosen = _search_site(ok, site.max_abs, min_bits, max_bits)
     if chosen is not None:
@@ -614,10 +621,17 @@ class FlaxProgram:
 
     self.correct_fn = correct
 
-    def evaluate(bw, f):
+    def evaluate(bw, f, at_least: Optional[float] = None):
+      """Accuracy in %; with ``at_least``, stops as soon as it cannot be
+      reached (then returns a value below it)."""
       bw, f = jnp.asarray(bw, jnp.int32), jnp.asarray(f, jnp.int32)
-      hits = sum(correct(variables, *b, bw, f) for b in data)
-      return 100.0 * float(hits) / total
+      hits, left = 0.0, total
+      for b in data:
+        hits += float(correct(variables, *b, bw, f))
+        left -= float(np.sum(b[2]))
+        if at_least is not None and 100.0 * (hits + left) / total < at_least:
+          return 100.0 * (hits + left) / total
+      return 100.0 * hits / total
     return evaluate
 
 

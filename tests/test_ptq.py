@@ -262,3 +262,22 @@ def test_gcn_on_cora_float_formats_exact_and_budget_kept(data_dir, tmp_path):
                         outdir=str(tmp_path / "ptq"))
   assert row["val_drop"] <= 1.0 + 1e-9
   assert row["float_val_acc"] > 40.0
+
+
+def test_early_exit_gives_the_same_search():
+  """A search whose evaluation may stop early on a rejected candidate picks
+  the same formats as with full evaluations."""
+  problem = _interaction_problem()
+  calls = []
+
+  def evaluate(bw, f, at_least=None):
+    calls.append(at_least)
+    acc = problem.evaluate(bw, f)
+    return acc if at_least is None or acc >= at_least else at_least - 50.0
+  early = ptq.Problem(problem.sites, problem.products, evaluate,
+                      early_exit=True)
+  for fn in (ptq.sequential_search, ptq.independent_search):
+    a, b = fn(problem, 1.0), fn(early, 1.0)
+    assert list(a.bw) == list(b.bw) and list(a.f) == list(b.f)
+    assert a.acc == b.acc
+  assert any(c is not None for c in calls)

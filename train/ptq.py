@@ -99,9 +99,11 @@ def image_problem(config, variables, *, val_examples: int,
       mean=data.mean, std=data.std)]
   program = ptq.FlaxProgram(model, variables, calib[0], train=False)
   program.calibrate(variables, calib)
-  val = list(source.eval_batches("val", batch, val_examples))
+  # small batches: a rejected candidate stops after few of them
+  val = list(source.eval_batches("val", min(batch, 250), val_examples))
   evaluate = program.accuracy_fn(variables, val)
-  problem = ptq.Problem(program.sites, program.products, evaluate)
+  problem = ptq.Problem(program.sites, program.products, evaluate,
+                        early_exit=True)
 
   def test_fn(bw, f, max_examples=0):
     fn = program.accuracy_fn(variables,

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdeq_jax import layers
+from pdeq_jax import ptq
 from pdeq_jax import operators
 from pdeq_jax import quant
 
@@ -165,6 +166,8 @@ class QuantSpec:
 def _maybe_quantize(x, alpha, bits, enabled, spec: QuantSpec):
   if not enabled:
     return x
+  if spec.grid == "fixed_point":  # PTQ (pdeq_jax.ptq): alpha codes (BW, F)
+    return ptq.fixed_point(x, *ptq.decode_format(alpha))
   return quant.quantize(x, layers.positive_alpha(alpha), bits, signed=True,
                         grid=spec.grid, lsq_grad_scale=spec.lsq_grad_scale)
 

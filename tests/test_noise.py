@@ -203,3 +203,15 @@ def test_bad_sites_and_sigmas():
   with pytest.raises(ValueError, match="noise.Sigmas"):
     with noise.inject({"mac": 0.1}, jax.random.PRNGKey(0)):
       pass
+
+
+def test_two_bit_signed_weights_are_ternary():
+  """FQ-Conv's ternary weights are the 2-bit signed grid: {-1, 0, 1} * alpha
+  (configs/cifar.py precision '2w4a', '2w2a', ...)."""
+  from configs import cifar as cifar_configs  # pylint: disable=import-outside-toplevel
+  from pdeq_jax import quant  # pylint: disable=import-outside-toplevel
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 16))
+  codes = np.unique(np.asarray(quant.quantize_weight(w, 1.5, 2)) / 1.5)
+  np.testing.assert_array_equal(codes, [-1.0, 0.0, 1.0])
+  config = cifar_configs.get_config("stable_resnet20,cifar10_jpeg,2w2a,cpu")
+  assert (config.quant.weight_bits, config.quant.act_bits) == (2, 2)

@@ -126,6 +126,9 @@ def test_noise_cli_on_a_gcn_run(gcn_noisy_run, tmp_path):
                               str(tmp_path / "r2" / "noise.json")],
                              ["a", "b"], tmp_path / "cmp")
   assert "| mac | b |" in text and (tmp_path / "cmp" / "compare.png").exists()
+  final = train_noise.run(str(workdir), "mac", "0", draws=1, which="final",
+                          output=str(tmp_path / "r3"), verbose=False)
+  assert final["which"] == "final" and "(final model)" in final["title"]
 
 
 def test_threshold_interpolates():

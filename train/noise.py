@@ -4,7 +4,8 @@
         --sigmas=0,0.01,0.02,0.05,0.1 [--draws=3] [--max_examples=0] \
         [--seed=0] [--output=<dir>]
 
-The run's selected (best-validation) model is evaluated on the test set with
+The run's selected (best-validation; ``--which=final``: the final) model
+is evaluated on the test set with
 Gaussian noise at each site alone (:mod:`pdeq_jax.noise`: weights relative
 to each layer's max|w|, activations relative to each quantizer's alpha, MAC
 outputs relative to each output's max|y|), ``--draws`` independent noise
@@ -58,6 +59,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "Test images (0: all; else a class-balanced subset).",
                        **fv)
   flags.DEFINE_integer("seed", 0, "Seed of the noise stream.", **fv)
+  flags.DEFINE_enum("which", "best", ["best", "final"],
+                    "The selected (best-validation) or the final model.",
+                    **fv)
   flags.DEFINE_string("output", None, "Output directory (default: workdir).",
                       **fv)
   flags.DEFINE_list("compare", None, "noise.json files to put on one plot.",
@@ -79,12 +83,12 @@ class Evaluator:
     self.examples = examples
 
 
-def _image_evaluator(workdir: pathlib.Path, config, max_examples: int
-                     ) -> Evaluator:
+def _image_evaluator(workdir: pathlib.Path, config, max_examples: int,
+                     which: str = "best") -> Evaluator:
   from pdeq_jax.models import scan_blocks  # pylint: disable=import-outside-toplevel
   from train import classify  # pylint: disable=import-outside-toplevel
   source = classify.make_source(config)
-  variables = classify.load_source_variables(str(workdir), "best")
+  variables = classify.load_source_variables(str(workdir), which)
   if config.model.get("scan_blocks", False):
     # scanned blocks share one module path: unroll so every block draws
     # its own noise
@@ -118,7 +122,8 @@ def _image_evaluator(workdir: pathlib.Path, config, max_examples: int
                    examples)
 
 
-def _node_evaluator(workdir: pathlib.Path, config) -> Evaluator:
+def _node_evaluator(workdir: pathlib.Path, config, which: str = "best"
+                    ) -> Evaluator:
   from train import node_classify  # pylint: disable=import-outside-toplevel
   task = node_classify.load_task(config)
   model = node_classify.create_model(config, task.num_classes)
@@ -127,10 +132,12 @@ def _node_evaluator(workdir: pathlib.Path, config) -> Evaluator:
   ckpt = common.Checkpointer(workdir / "checkpoints")
   state = ckpt.restore(node_classify.initial_state(config, params, tx))
   ckpt.close()
-  if int(state["best"]["epoch"]) < 0:
+  if which == "best" and int(state["best"]["epoch"]) < 0:
     raise ValueError(f"{workdir}: the run has selected no model yet (no "
                      "epoch at the target bits was evaluated)")
-  params = jax.tree_util.tree_map(jnp.asarray, state["best"]["params"])
+  params = jax.tree_util.tree_map(
+      jnp.asarray, state["best"]["params"] if which == "best"
+      else state["params"])
   bits = node_classify.bits_for_epoch(config, int(config.num_epochs) - 1)
 
   @jax.jit
@@ -153,14 +160,15 @@ def _precision(config) -> str:
   return "FP" if (w, a) == (32, 32) else f"{w}W{a}A"
 
 
-def load_evaluator(workdir: str, max_examples: int = 0) -> Evaluator:
+def load_evaluator(workdir: str, max_examples: int = 0,
+                   which: str = "best") -> Evaluator:
   from train import classify  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   config = classify.load_run_config(workdir)
   if config.task == "image_classification":
-    return _image_evaluator(workdir, config, max_examples)
+    return _image_evaluator(workdir, config, max_examples, which)
   if config.task == "node_classification":
-    return _node_evaluator(workdir, config)
+    return _node_evaluator(workdir, config, which)
   raise validate.ConfigError(
       "noise evaluation supports classification runs", "config.task",
       config.task, "allowed: image_classification, node_classification")
@@ -286,7 +294,8 @@ def _fmt_threshold(value: Optional[float], sigmas: Sequence[float]) -> str:
 def markdown(result: Dict[str, Any], title: str, command: str) -> str:
   sigmas = result["sigmas"]
   lines = [f"# Noise robustness: {title}", "",
-           f"Test accuracy (%) of the selected model, mean ± std over "
+           f"Test accuracy (%) of the {result.get('which', 'best')} model "
+           "(best: selected on validation), mean ± std over "
            f"{result['draws']} noise draws ({result['examples']} test "
            f"examples, noise seed {result['seed']}); clean accuracy "
            f"{100 * result['clean_acc']:.2f}%.  sigma is relative to max|w| "
@@ -386,25 +395,28 @@ def compare(paths: Sequence[str], labels: Optional[Sequence[str]],
 def run(workdir: str, sites: Any = noise.SITES, sigmas: Any = "0,0.01,0.1",
         draws: int = 3, max_examples: int = 0, seed: int = 0,
         output: Optional[str] = None, command: str = "",
-        verbose: bool = True) -> Dict[str, Any]:
+        verbose: bool = True, which: str = "best") -> Dict[str, Any]:
   """Checks every argument, evaluates, writes noise.json/.md/.png."""
   sites = noise.check_sites(sites, "--sites")
   sigma_list = noise.parse_sigmas(sigmas, "--sigmas")
   validate.integer_at_least(draws, "--draws", 1)
   validate.integer_at_least(max_examples, "--max_examples", 0)
   validate.integer_at_least(seed, "--seed", 0)
-  evaluator = load_evaluator(workdir, max_examples)
+  if which not in ("best", "final"):
+    raise ValueError(f"--which must be 'best' or 'final', got {which!r}")
+  evaluator = load_evaluator(workdir, max_examples, which)
   if "activations" in sites and not evaluator.has_act_quant:
     raise validate.ConfigError(
         "noise site 'activations' is relative to the activation quantizers' "
         f"alpha, and {workdir} has none (a float-activation run)",
         "--sites", ",".join(sites), "allowed here: weights, mac")
-  title = evaluator.description
+  title = evaluator.description + ("" if which == "best" else
+                                    " (final model)")
   if verbose:
     print(f"{title}: {evaluator.examples} test examples, sites "
           f"{','.join(sites)}, sigmas {sigma_list}, {draws} draws", flush=True)
   result = sweep(evaluator, sites, sigma_list, draws, seed, verbose)
-  result.update({"title": title, "workdir": str(workdir),
+  result.update({"title": title, "workdir": str(workdir), "which": which,
                  "examples": evaluator.examples, "command": command})
   out_dir = pathlib.Path(output) if output else pathlib.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +444,8 @@ def main(argv):
   command = "python -m train.noise " + " ".join(
       a for a in sys.argv[1:] if not a.startswith("--verbose_errors"))
   run(FLAGS.workdir, FLAGS.sites, FLAGS.sigmas, FLAGS.draws,
-      FLAGS.max_examples, FLAGS.seed, FLAGS.output, command)
+      FLAGS.max_examples, FLAGS.seed, FLAGS.output, command,
+      which=FLAGS.which)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ injection mechanism that needs no change to the models:
 * ``activations``: the output of every activation quantizer
   (:class:`pdeq_jax.layers.ActQuant`) gets ``x + sigma * alpha * n``
   (alpha: that quantizer's learned clipping scale).  A float network has no
-  quantizers and no alpha: this site then perturbs nothing
-  (:func:`has_activation_quantizers` tells; the CLI refuses it).
+  quantizers and no alpha: this site then perturbs nothing (the CLI and
+  the trainers refuse it).
 * ``mac``: every convolution / dense output before its BatchNorm gets
   ``y + sigma * max|y| * n`` with the maximum over the whole output tensor
   (the batch included).  In the CNNs of this project every convolution
@@ -283,20 +283,6 @@ def noisy(fn: Callable[..., Any], sites: Sequence[str] = SITES
     with inject(sigmas, key, sites):
       return fn(*args, **kwargs)
   return wrapped
-
-
-def has_activation_quantizers(variables: Any) -> bool:
-  """Whether a model's variables hold any learned activation clipping scale
-  (an ``alpha`` under an ``aq*`` module, or a PDE-GCN's ``alpha_state``)."""
-  params = variables.get("params", variables)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for path, _ in flat:
-    names = [str(getattr(p, "key", p)) for p in path]
-    if names[-1] in ("alpha_state", "alpha_act"):
-      return True
-    if names[-1] == "alpha" and len(names) > 1 and names[-2].startswith("aq"):
-      return True
-  return False
 
 
 # ------------------------------------------------------------- training ---

@@ -110,6 +110,15 @@ def get_config(arg=None):
   config.optim.step_epochs = (150, 250)    # for schedule="step"
   config.optim.step_factor = 0.1
 
+  # noise-aware training (train.noise, FQ-Conv): Gaussian noise at the
+  # train_sites in the final train_epochs epochs, sigma ramped up linearly
+  # over ramp_epochs; "" = off
+  config.noise = ml_collections.ConfigDict()
+  config.noise.train_sites = ""    # comma list of weights, activations, mac
+  config.noise.train_sigma = 0.0   # relative, as in python -m train.noise
+  config.noise.train_epochs = 0
+  config.noise.ramp_epochs = 0
+
   config.consistency = ml_collections.ConfigDict()
   config.consistency.enabled = True
   config.consistency.max_examples = 0      # 0 = the whole test set

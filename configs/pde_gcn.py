@@ -82,6 +82,15 @@ def get_config(arg=None):
   config.quant.epochs_per_step = 10
   config.quant.lsq_grad_scale = False
 
+  # noise-aware training (train.noise, FQ-Conv): Gaussian noise at the
+  # train_sites in the final train_epochs epochs, sigma ramped up linearly
+  # over ramp_epochs; "" = off
+  config.noise = ml_collections.ConfigDict()
+  config.noise.train_sites = ""    # comma list of weights, activations, mac
+  config.noise.train_sigma = 0.0   # relative, as in python -m train.noise
+  config.noise.train_epochs = 0
+  config.noise.ramp_epochs = 0
+
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 0.07
   config.optim.weight_decay = 5e-4

@@ -372,8 +372,8 @@ def test_cli_subprocess_one_line_and_status_2(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: unknown config key (config.nope = 1; keys of config: "
-      "checkpoint_every, data, model, num_epochs, optim, patience, quant, "
-      "seed, task)"]
+      "checkpoint_every, data, model, noise, num_epochs, optim, patience, "
+      "quant, seed, task)"]
   assert not (tmp_path / "run").exists()
 
 

@@ -32,6 +32,7 @@ Layout as in the Flax ImageNet example: :func:`create_train_state`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -49,11 +50,13 @@ import optax
 from pdeq_jax import consistency
 from pdeq_jax import layers
 from pdeq_jax import models
+from pdeq_jax import noise
 from pdeq_jax import quant
 from pdeq_jax import surgery
 from pdeq_jax import xla_options
 from pdeq_jax.data import images as image_data
 from train import common
+from train import noise as train_noise
 from train import validate
 
 FLOAT_BITS = common.FLOAT_BITS
@@ -74,6 +77,7 @@ class TrainState:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors for bad values before any work is done."""
   validate.image(config)  # ranges, names, bits, schedule, device count
+  train_noise.check_train_config(config)
   if config.init_from:
     path = pathlib.Path(config.init_from)
     if path.suffix in STATE_DICT_SUFFIXES:
@@ -458,20 +462,24 @@ STREAMED_DATASETS = ("imagenet2012", "imagenet2012_subset")
 # ------------------------------------------------------------------ steps ---
 
 def make_train_step(model, tx: optax.GradientTransformation,
-                    task: Task = CLASSIFICATION
+                    task: Task = CLASSIFICATION, training_noise=None
                     ) -> Callable[..., Tuple[TrainState, Dict[str, jax.Array]]]:
   """``train_step(state, images, labels, bits, rng) -> (state, metrics)``.
 
   Pure; jit it with shardings via :func:`jit_train_step`.  ``rng`` feeds
   the models' ``dropout`` stream (models without dropout ignore it).
+  ``training_noise``: None, or ``(sites, fn)`` from
+  ``train.noise.training_noise`` (noise-aware training; sigma and key are
+  functions of ``state.step``).
   """
   def train_step(state: TrainState, images, labels, bits, rng):
     mutable = list(state.model_state)
 
     def loss_fn(params):
-      logits, new_model_state = model.apply(
-          {"params": params, **state.model_state}, images, bits, train=True,
-          mutable=mutable, rngs={"dropout": rng})
+      with _noise_context(training_noise, state.step):
+        logits, new_model_state = model.apply(
+            {"params": params, **state.model_state}, images, bits,
+            train=True, mutable=mutable, rngs={"dropout": rng})
       loss, metrics = task.loss(logits, labels)
       return loss, (metrics, new_model_state)
 
@@ -483,6 +491,15 @@ def make_train_step(model, tx: optax.GradientTransformation,
                        model_state=dict(new_model_state), opt_state=opt_state)
     return state, {"loss": loss, **metrics}
   return train_step
+
+
+def _noise_context(training_noise, step):
+  """``noise.inject`` at ``step`` of the schedule, or no context."""
+  if training_noise is None:
+    return contextlib.nullcontext()
+  sites, fn = training_noise
+  sigmas, key = fn(step)
+  return noise.inject(sigmas, key, sites)
 
 
 def make_eval_step(model, task: Task = CLASSIFICATION
@@ -702,7 +719,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Any,
   sizes = count_params(state.params)
   mesh = make_mesh()
   replicated, _ = shardings(mesh)
-  train_step = jit_train_step(make_train_step(model, tx, task), mesh)
+  train_step = jit_train_step(make_train_step(
+      model, tx, task, train_noise.training_noise(config, steps_per_epoch)),
+                              mesh)
   eval_step = jit_eval_step(make_eval_step(model, task), mesh)
   dropout_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   select = task.select

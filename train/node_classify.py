@@ -14,6 +14,7 @@ the same workdir ends with exactly the result of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -32,6 +33,7 @@ import optax
 from pdeq_jax import consistency
 from pdeq_jax import layers
 from pdeq_jax import models
+from pdeq_jax import noise
 from pdeq_jax import quant
 from pdeq_jax import xla_options
 from pdeq_jax.data import planetoid
@@ -39,6 +41,7 @@ from pdeq_jax.models import pde_gcn
 from pdeq_jax.models.pde_gcn import GraphOperator
 from pdeq_jax.models.pde_gcn import SparseFeatures
 from train import common
+from train import noise as train_noise
 from train import validate
 
 FLOAT_BITS = common.FLOAT_BITS
@@ -147,20 +150,38 @@ def _accuracy(logits, labels, idx):
   return jnp.mean(jnp.argmax(logits[idx], -1) == labels[idx])
 
 
-def make_train_step(model, tx, task: NodeTask):
-  """``train_step(params, opt_state, bits, rng)``; the data are jit arguments."""
-  def loss_fn(params, task, bits, rng):
-    logits = model.apply({"params": params}, task.features, task.graph, bits,
-                         train=True, rngs={"dropout": rng})
+def make_train_step(model, tx, task: NodeTask, training_noise=None):
+  """``train_step(params, opt_state, bits, rng)``; the data are jit arguments.
+
+  With ``training_noise`` (``(sites, fn)`` from
+  ``train.noise.training_noise``): ``train_step(params, opt_state, bits,
+  rng, epoch)``, the noise's sigma and key being ``fn(epoch)`` (runtime
+  values: one compilation for every epoch).
+  """
+  sites = None if training_noise is None else training_noise[0]
+
+  def loss_fn(params, task, bits, rng, noise_args):
+    context = (contextlib.nullcontext() if noise_args is None
+               else noise.inject(*noise_args, sites))
+    with context:
+      logits = model.apply({"params": params}, task.features, task.graph,
+                           bits, train=True, rngs={"dropout": rng})
     return _nll(logits, task.labels, task.train_idx)
 
   @functools.partial(xla_options.jit, workload="graph")
-  def train_step(params, opt_state, bits, rng, task):
-    loss, grads = jax.value_and_grad(loss_fn)(params, task, bits, rng)
+  def train_step(params, opt_state, bits, rng, noise_args, task):
+    loss, grads = jax.value_and_grad(loss_fn)(params, task, bits, rng,
+                                              noise_args)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return functools.partial(train_step, task=task)
+  if training_noise is None:
+    return functools.partial(train_step, noise_args=None, task=task)
+
+  def noisy_step(params, opt_state, bits, rng, epoch):
+    return train_step(params, opt_state, bits, rng,
+                      training_noise[1](jnp.int32(epoch)), task=task)
+  return noisy_step
 
 
 def make_eval_step(model, task: NodeTask):
@@ -221,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   then ``{"stopped_by_callback_at_epoch": epoch}``.
   """
   validate.gcn(config)
+  train_noise.check_train_config(config)
   workdir = common.prepare_workdir(workdir, config)
   task = load_task(config)
   model = create_model(config, task.num_classes)
@@ -238,7 +260,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.truncate_after(start_epoch - 1, key="epoch")
   last_good = f"step {start_epoch}" if start_epoch else None
 
-  train_step = make_train_step(model, tx, task)
+  training_noise = train_noise.training_noise(config, 1)
+  train_step = (make_train_step(model, tx, task) if training_noise is None
+                else make_train_step(model, tx, task, training_noise))
+  noise_epoch = (lambda e: {}) if training_noise is None else (
+      lambda e: {"epoch": e})
   eval_step = make_eval_step(model, task)
   num_epochs = int(config.num_epochs)
   patience = int(config.patience)
@@ -258,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bits = bits_for_epoch(config, epoch)
     common.check_runtime_bits(bits)
     rng = jax.random.fold_in(state["dropout_key"], epoch)
-    params, opt_state, loss = train_step(params, opt_state, bits, rng)
+    params, opt_state, loss = train_step(params, opt_state, bits, rng,
+                                         **noise_epoch(epoch))
     metrics = _to_host(eval_step(params, bits))
     # epochs are logged 0-based, checkpoints by steps (= epochs) done:
     # "epoch e (step e + 1)" is the (e + 1)-th full-batch step

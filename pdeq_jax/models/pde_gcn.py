@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdeq_jax import layers
+from pdeq_jax import noise
 from pdeq_jax import ptq
 from pdeq_jax import operators
 from pdeq_jax import quant
@@ -230,9 +231,17 @@ def pde_gcn_layer(x: Array, params: LayerParams, graph: GraphOperator,
   x = _maybe_quantize(x, params.alpha_state, bits.activations,
                       spec.activations, spec)
   kernel = _maybe_quantize_weight(params.kernel, bits.weights, spec)
-  quantize_act = lambda v: _maybe_quantize(v, params.alpha_act,
-                                           bits.activations, spec.activations,
-                                           spec)
+  # noise sites (pdeq_jax.noise; the identity outside noise.inject)
+  if noise.active():
+    if spec.activations:
+      x = noise.tap("activations", x,
+                    layers.positive_alpha(params.alpha_state), "gcn/state")
+    kernel = noise.tap("weights", kernel, noise.max_abs(kernel), "gcn/kernel")
+  quantize_act = lambda v, tag="gcn/act": _noisy_act(
+      _maybe_quantize(v, params.alpha_act, bits.activations,
+                      spec.activations, spec), params.alpha_act, spec, tag)
+  mac = lambda v, tag: noise.tap("mac", v, noise.max_abs(v), tag) \
+      if noise.active() else v
   # K S is linear: x -> S (x K) (channel mixing on the N nodes, not the E
   # edges); its jax.vjp is the adjoint Sᵀ Kᵀ of the symmetric layer.
   edge_op = lambda v: graph.gradient(v @ kernel)
@@ -241,16 +250,18 @@ def pde_gcn_layer(x: Array, params: LayerParams, graph: GraphOperator,
     # dropout sits between S and K (on S x), so K must act on the edges
     seeds = (seed, seed + jnp.uint32(0x5bd1e995))
     g = graph.gradient(x)
-    forward = jnp.tanh(_edge_dropout(g, edge_dropout, seeds[0]) @ kernel)
+    forward = jnp.tanh(mac(_edge_dropout(g, edge_dropout, seeds[0])
+                           @ kernel, "gcn/ks"))
   else:
-    forward = jnp.tanh(edge_op(x))
+    forward = jnp.tanh(mac(edge_op(x), "gcn/ks"))
   e = quantize_act(forward)
   if graph.direction_factor == 2.0:
     if dropout:
-      backward = jnp.tanh(-_edge_dropout(g, edge_dropout, seeds[1]) @ kernel)
+      backward = jnp.tanh(mac(-_edge_dropout(g, edge_dropout, seeds[1])
+                              @ kernel, "gcn/ks_back"))
     else:
       backward = -forward  # tanh is odd
-    e = e - quantize_act(backward)
+    e = e - quantize_act(backward, "gcn/act_back")
   elif graph.direction_factor != 1.0:
     raise ValueError(f"direction_factor must be 1 or 2, got "
                      f"{graph.direction_factor}")
@@ -259,8 +270,19 @@ def pde_gcn_layer(x: Array, params: LayerParams, graph: GraphOperator,
     (update,) = k_s_transpose(e)                        # Sᵀ Kᵀ e
   else:
     kernel_out = _maybe_quantize_weight(params.kernel_out, bits.weights, spec)
+    if noise.active():
+      kernel_out = noise.tap("weights", kernel_out, noise.max_abs(kernel_out),
+                             "gcn/kernel_out")
     update = graph.divergence(e) @ kernel_out           # Sᵀ K₂ e
-  return x - h * update, x
+  return x - h * mac(update, "gcn/update"), x
+
+
+def _noisy_act(v, alpha, spec: QuantSpec, tag: str):
+  """Activation noise at a quantizer output (``noise.tap``; identity when
+  no noise is injected or the activations are not quantized)."""
+  if not (spec.activations and noise.active()):
+    return v
+  return noise.tap("activations", v, layers.positive_alpha(alpha), tag)
 
 
 def pde_gcn_layers(x: Array, params: LayerParams, graph: GraphOperator,
@@ -285,19 +307,21 @@ def pde_gcn_layers(x: Array, params: LayerParams, graph: GraphOperator,
     layer = jax.checkpoint(layer)
 
   def body(state, inputs):
-    layer_params, seed = inputs
-    out, quantized_in = layer(state, layer_params, seed)
+    layer_params, seed, index = inputs
+    with noise.layer_scope(index):  # tells the layers' noise draws apart
+      out, quantized_in = layer(state, layer_params, seed)
     return out, (quantized_in if return_hidden else None)
 
   depth = params.kernel.shape[0]
+  indices = jnp.arange(depth, dtype=jnp.int32) if noise.active() else None
   if scan:
-    x, hidden = jax.lax.scan(body, x, (params, seeds))
+    x, hidden = jax.lax.scan(body, x, (params, seeds, indices))
     return x, hidden
   hidden = []
   for j in range(depth):
     pick = lambda t: None if t is None else jax.tree_util.tree_map(
         lambda p: p[j], t)
-    x, out = body(x, (pick(params), pick(seeds)))
+    x, out = body(x, (pick(params), pick(seeds), pick(indices)))
     hidden.append(out)
   return x, (jnp.stack(hidden) if return_hidden else None)
 

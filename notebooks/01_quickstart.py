@@ -132,7 +132,7 @@ for col, n in enumerate(TV_STEPS):
   quantized = np.asarray(quant.quantize(jnp.asarray(smoothed), a, BITS, signed=False))
   axes[0, col].imshow(np.clip(smoothed, 0, 1)); axes[0, col].set_title(f"{n} TV steps")
   err = axes[1, col].imshow(np.abs(smoothed - quantized).mean(-1), cmap="magma", vmin=0, vmax=a / (2 ** BITS - 1) / 2)
-  axes[1, col].set_title(f"|{BITS}-bit error|, MSE {effect['rows'][col]['mse']:.2e}")
+  axes[1, col].set_title(f"|{BITS}-bit error|\nMSE {effect['rows'][col]['mse']:.2e}")
 for ax in axes.ravel():
   ax.axis("off")
 plt.colorbar(err, ax=axes[1].tolist(), shrink=0.8)

@@ -5,16 +5,13 @@ A notebook's ``parameters`` cell holds its sizes; CI overrides them by running
 an extra cell right after it (the papermill convention), so the committed
 notebooks keep their full-size settings.
 """
-import os
-import pathlib
-import time
-
 import pytest
 
 jupytext = pytest.importorskip("jupytext")
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+from notebooks import run  # pylint: disable=wrong-import-position
 from tests.conftest import REPO_ROOT, shared_data_dir  # pylint: disable=wrong-import-position
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -59,27 +56,18 @@ def test_pair_in_sync_and_outputs_stripped(source):
           f"{paired.name} is committed with outputs; strip them")
 
 
-def _with_ci_parameters(nb, text: str):
-  tagged = [i for i, c in enumerate(nb.cells)
-            if "parameters" in c.get("metadata", {}).get("tags", [])]
-  assert len(tagged) == 1, "a notebook needs exactly one 'parameters' cell"
-  cell = nbformat.v4.new_code_cell(text)
-  cell.metadata["tags"] = ["injected-parameters"]
-  nb.cells.insert(tagged[0] + 1, cell)
-  return nb
-
-
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebook_runs(source, tmp_path, monkeypatch):
-  nb = _with_ci_parameters(jupytext.read(source), CI_PARAMETERS[source.stem])
   monkeypatch.setenv("PDEQ_DATA_DIR", str(shared_data_dir()))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  # the kernel imports this checkout, whatever is installed
-  monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-  start = time.perf_counter()
-  client = nbclient.NotebookClient(
-      nb, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(tmp_path)}})
-  client.execute()  # raises CellExecutionError naming the failing cell
-  print(f"{source.stem}: {time.perf_counter() - start:.1f} s")
+  monkeypatch.setenv("PYTHONPATH", "")
+  # raises CellExecutionError naming the failing cell
+  _, seconds = run.execute(source, CI_PARAMETERS[source.stem], cwd=tmp_path,
+                           timeout=600)
+  print(f"{source.stem}: {seconds:.1f} s")
+
+
+def test_parameters_cell_is_required(tmp_path):
+  nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+  with pytest.raises(ValueError, match="exactly one 'parameters' cell"):
+    run.with_parameters(nb, "x = 2")

@@ -48,6 +48,20 @@ def test_metric_lines_become_scalars_and_a_resume_purges_stale_steps(
   assert [r["epoch"] for r in resumed.read()] == [0, 1, 2, 3]
 
 
+def test_non_finite_values_stay_out_of_tensorboard(tmp_path):
+  # before the gradual schedule reaches the target bits there is no best
+  # model yet (best_val_acc = -inf): the JSONL keeps it, the curves skip it
+  writer = common.MetricWriter(tmp_path)
+  writer.write(epoch=0, val_acc=0.3, best_val_acc=-np.inf)
+  writer.write(epoch=1, val_acc=0.4, best_val_acc=0.4, loss=np.nan)
+  writer.close()
+  scalars = _scalars(tmp_path)
+  assert scalars["best_val_acc"] == {1: np.float32(0.4)}
+  assert "loss" not in scalars
+  assert scalars["val_acc"] == {0: np.float32(0.3), 1: np.float32(0.4)}
+  assert writer.read()[0]["best_val_acc"] == -np.inf
+
+
 def test_node_classification_run_logs_losses_accuracies_bits_and_alpha(
     data_dir, tmp_path):
   config = gcn_configs.get_config("cora,sym,4w4a")

@@ -335,7 +335,10 @@ class TensorBoardWriter:
       if key == step_key or isinstance(value, (str, bool)):
         continue
       value = np.asarray(value)
-      if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+      # -inf (no best model yet, e.g. before the gradual schedule reaches
+      # the target bits) has no place on a curve: it stays in the JSONL only
+      if (value.ndim == 0 and np.issubdtype(value.dtype, np.number)
+          and np.isfinite(value)):
         self._writer.add_scalar(key, float(value), step)
 
   def flush(self) -> None:

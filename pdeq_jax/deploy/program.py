@@ -173,9 +173,12 @@ def head_logits(features, weight, bias):
   runtime that follows this order (no fused multiply-add) rounds identically,
   so JAX, numpy and onnxruntime give the same logits bit for bit.
   """
-  acc = features[:, 0:1] * weight[0]
+  # the products are materialized first: XLA:CPU would otherwise fuse each
+  # multiply with its add into one FMA (one rounding instead of two).
+  products = jax.lax.optimization_barrier(features[:, :, None] * weight[None])
+  acc = products[:, 0]
   for c in range(1, weight.shape[0]):
-    acc = acc + features[:, c:c + 1] * weight[c]
+    acc = acc + products[:, c]
   return acc + bias
 
 

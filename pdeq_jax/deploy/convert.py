@@ -195,7 +195,8 @@ def _stem(b: _Builder, variables, grid: Grid, mean, std) -> str:
   w_scale = np.where(w_scale > 0, w_scale, 1.0)
   codes = np.round(folded / w_scale).astype(np.int16)
   b.add_weight("stem", codes, w_scale, STEM_WEIGHT_BITS, qw)
-  b.input = {"step": in_step.astype(np.float32), "qmax": qx,
+  b.input = {"step": in_step.astype(np.float32),
+             "inv_step": (1.0 / in_step).astype(np.float32), "qmax": qx,
              "bits": INPUT_BITS}
   b.ranges["input"] = (-qx, qx)
   b.bounds["input"] = float(qx)

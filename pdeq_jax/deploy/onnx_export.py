@@ -3,7 +3,7 @@
 The graph takes the same normalised float32 NHWC batch as the JAX model and
 returns float32 logits.  Inside (NCHW):
 
-* input quantization: ``Div`` by the per-channel step, ``Round`` (ties to
+* input quantization: ``Mul`` by the per-channel inverse step, ``Round`` (ties to
   even), clip: int32 codes;
 * block convolutions: ``ConvInteger`` on uint8 activations (signed codes
   shifted by a zero point, which also pads exactly) and int8 weight codes,
@@ -83,7 +83,7 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
   h, w, c = program["image_shape"]
   spec = program["input"]
   x = g.op("Transpose", ["x"], perm=[0, 3, 1, 2])
-  q = g.op("Round", [g.op("Div", [x, g.const(_channels(spec["step"]),
+  q = g.op("Round", [g.op("Mul", [x, g.const(_channels(spec["inv_step"]),
                                              np.float32)])])
   q = g.op("Min", [g.op("Max", [q, g.const(-spec["qmax"], np.float32)]),
                    g.const(spec["qmax"], np.float32)])

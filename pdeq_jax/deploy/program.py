@@ -4,7 +4,7 @@ and the JAX executor.
 A program (a plain dict, see :func:`pdeq_jax.deploy.convert.convert`) is
 
 * ``input``: the first layer's input quantization (float -> signed integer
-  codes ``q = clip(round(x / step_c), -qmax, qmax)``, one step per channel);
+  codes ``q = clip(round(x * inv_step_c), -qmax, qmax)``, one step per channel);
 * ``weights``: name -> integer weight codes (HWIO), each stored once (a
   symmetric step's ``K`` and ``Kᵀ`` read the same array);
 * ``ops``: ``conv`` (int32 accumulation), ``requant`` (int32 accumulators ->
@@ -123,7 +123,9 @@ def transpose_kernel(w):
 
 def _quantize_input(program, x):
   spec = program["input"]
-  q = jnp.round(x / jnp.asarray(spec["step"], jnp.float32))
+  # a multiplication by the stored float32 reciprocal: one IEEE operation in
+  # every runtime (XLA may rewrite a division into exactly this, or not).
+  q = jnp.round(x * jnp.asarray(spec["inv_step"], jnp.float32))
   return jnp.clip(q, -spec["qmax"], spec["qmax"]).astype(jnp.int32)
 
 

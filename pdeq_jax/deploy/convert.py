@@ -34,10 +34,12 @@ from pdeq_jax.models import resnet as resnet_lib
 from pdeq_jax.models import scan_blocks as scan_lib
 from pdeq_jax.models import stable_resnet as stable_lib
 
-INPUT_BITS = 14        # signed input codes, |q| <= 8191
-STEM_WEIGHT_BITS = 14  # signed stem weight codes, |w| <= 8191
+INPUT_BITS = 22        # signed input codes, |q| < 2^21 (float32 has 24)
+STEM_WEIGHT_BITS = 22  # signed per-channel stem weight codes
 BN_EPS = 1e-5          # resnet.batch_norm's epsilon
-# 8191 * 8191 * 27 < 2^31: the stem's accumulator is int32 (int16 operands).
+# The stem accumulates in int64 (2^21 * 2^21 * 27 < 2^47) and requantizes in
+# int64 ("wide" ops): any single rounding there flips codes that every later
+# layer inherits, so it must be as fine as the float model's own rounding.
 
 Grid = Tuple[float, int, int]  # (step, lo, hi) of an activation code grid
 
@@ -90,7 +92,7 @@ class _Builder:
                               "scale": np.asarray(scale, np.float64).tolist()}
 
   def conv(self, name, x, weight, *, stride=1, padding=((1, 1), (1, 1)),
-           transpose=False):
+           transpose=False, wide=False):
     w = self.weights[weight]
     kh, kw = w.shape[:2]
     cin = w.shape[3] if transpose else w.shape[2]
@@ -109,47 +111,52 @@ class _Builder:
     self.ops.append({"op": "conv", "output": name, "input": x,
                      "weight": weight, "stride": stride,
                      "padding": [list(p) for p in padding],
-                     "transpose": transpose,
+                     "transpose": transpose, "wide": wide,
                      "input_range": list(self.ranges[x])})
     return name
 
-  def _parts(self, parts):
+  def _parts(self, parts, wide=False):
+    bits = prog.WIDE_TERM_BITS if wide else prog.TERM_BITS
     coefs, bounds, biases = [], [], []
     for part in parts:
       for t, _, coef in part["terms"]:
-        p = prog.pre_shift(self.bounds[t])
+        p = prog.pre_shift(self.bounds[t], bits)
         bounds.append(np.floor(self.bounds[t] / 2.0 ** p + 0.5))
         coefs.append(coef * 2.0 ** p)
       biases.append(part["bias"])
     return coefs, bounds, np.concatenate(biases)
 
-  def _fixed(self, parts, shift):
+  def _fixed(self, parts, shift, wide=False):
+    bits = prog.WIDE_TERM_BITS if wide else prog.TERM_BITS
     out = []
     for part in parts:
       terms = []
       for t, ch, coef in part["terms"]:
-        p = prog.pre_shift(self.bounds[t])
+        p = prog.pre_shift(self.bounds[t], bits)
         terms.append({"input": t, "channels": list(ch), "pre_shift": p,
-                      "m": prog.fixed_point(coef * 2.0 ** p, shift)})
-      out.append({"terms": terms, "bias": prog.fixed_point(part["bias"], shift),
+                      "m": prog.fixed_point(coef * 2.0 ** p, shift, wide)})
+      out.append({"terms": terms,
+                  "bias": prog.fixed_point(part["bias"], shift, wide),
                   "relu": bool(part["relu"])})
     return out
 
-  def requant(self, name, parts, grid: Grid, *, pool=False):
+  def requant(self, name, parts, grid: Grid, *, pool=False, wide=False):
     """``parts``: ``[{"terms": [(tensor, (c0, c1), coef)], "bias", "relu"}]``
-    with coefficients in units of ``grid``'s step."""
+    with coefficients in units of ``grid``'s step; ``wide``: int64."""
     step, lo, hi = grid
-    coefs, bounds, bias = self._parts(parts)
+    coefs, bounds, bias = self._parts(parts, wide)
     shift = prog.choose_shift(bounds, coefs, bias, multiplier=4 if pool else 1,
                               lo=lo, rounding=True,
-                              pool_shift=2 if pool else 0)
+                              pool_shift=2 if pool else 0,
+                              limit=prog.INT64_MAX if wide else prog.INT32_MAX)
     h, w, _ = self.shapes[parts[0]["terms"][0][0]]
     c = sum(len(p["bias"]) for p in parts)
     self.shapes[name] = (h // 2, w // 2, c) if pool else (h, w, c)
     self.ranges[name] = (lo, hi)
     self.bounds[name] = float(max(abs(lo), abs(hi)))
     self.ops.append({"op": "requant", "output": name,
-                     "parts": self._fixed(parts, shift), "pool": bool(pool),
+                     "parts": self._fixed(parts, shift, wide),
+                     "pool": bool(pool), "wide": wide,
                      "shift": shift, "range": [lo, hi], "step": step})
     return name
 
@@ -193,19 +200,20 @@ def _stem(b: _Builder, variables, grid: Grid, mean, std) -> str:
   qw = 2 ** (STEM_WEIGHT_BITS - 1) - 1
   w_scale = np.abs(folded).max(axis=(0, 1, 2)) / qw
   w_scale = np.where(w_scale > 0, w_scale, 1.0)
-  codes = np.round(folded / w_scale).astype(np.int16)
+  codes = np.round(folded / w_scale).astype(np.int32)
   b.add_weight("stem", codes, w_scale, STEM_WEIGHT_BITS, qw)
   b.input = {"step": in_step.astype(np.float32),
              "inv_step": (1.0 / in_step).astype(np.float32), "qmax": qx,
              "bits": INPUT_BITS}
   b.ranges["input"] = (-qx, qx)
   b.bounds["input"] = float(qx)
-  b.conv("stem_acc", "input", "stem")
+  b.conv("stem_acc", "input", "stem", wide=True)
   g, d = fold_bn(params["bn"], stats["bn"])
   step = grid[0]
   return b.requant("stem_out", [{"terms": [_term("stem_acc",
                                                  w_scale * g / step)],
-                                 "bias": d / step, "relu": True}], grid)
+                                 "bias": d / step, "relu": True}], grid,
+                   wide=True)
 
 
 def _resnet_block(b, name, x, gx: Grid, p, s, bits, next_grid, strides):

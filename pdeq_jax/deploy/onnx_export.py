@@ -9,8 +9,8 @@ returns float32 logits.  Inside (NCHW):
   shifted by a zero point, which also pads exactly) and int8 weight codes,
   int32 output; ``Kᵀ`` reads K's initializer through ``Transpose`` + reversed
   ``Slice`` (the codes are stored once);
-* the stem's 14-bit codes do not fit ``ConvInteger``: im2col (``Slice`` +
-  ``Concat``) and an int32 ``MatMul``;
+* the stem's 22-bit codes do not fit ``ConvInteger``: im2col (``Slice`` +
+  ``Concat``) and an int64 ``MatMul``, requantized in int64;
 * requantization: int32 ``Mul``/``Add``/``Max``, the 2x2 pool as a
   ``ReduceSum``, the rounding shift as ``Mod``/``Sub``/``Div`` (exact);
 * head: integer ``ReduceSum``, then the float classifier in the fixed order
@@ -58,16 +58,16 @@ class _Graph:
     return out
 
 
-def _round_shift(g: _Graph, v: str, shift: int) -> str:
+def _round_shift(g: _Graph, v: str, shift: int, dtype=np.int32) -> str:
   if shift == 0:
     return v
-  a = g.op("Add", [v, g.const(1 << (shift - 1), np.int32)])
-  d = g.const(1 << shift, np.int32)
+  a = g.op("Add", [v, g.const(1 << (shift - 1), dtype)])
+  d = g.const(1 << shift, dtype)
   rem = g.op("Mod", [a, d], fmod=0)
   q = g.op("Div", [g.op("Sub", [a, rem]), d])
-  tie = g.op("Cast", [g.op("Equal", [rem, g.const(0, np.int32)])],
-             to=g.onnx.TensorProto.INT32)
-  odd = g.op("Mod", [q, g.const(2, np.int32)], fmod=0)
+  tie = g.op("Cast", [g.op("Equal", [rem, g.const(0, dtype)])],
+             to=g.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+  odd = g.op("Mod", [q, g.const(2, dtype)], fmod=0)
   return g.op("Sub", [q, g.op("Mul", [tie, odd])])
 
 
@@ -98,6 +98,8 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
       codes = program["weights"][op["weight"]]
       channels[op["output"]] = codes.shape[2 if op["transpose"] else 3]
     elif kind in ("requant", "head"):
+      wide = bool(op.get("wide")) and not float_mode
+      ints = np.float32 if float_mode else (np.int64 if wide else np.int32)
       parts = []
       for part in op["parts"]:
         v = g.const(_channels(part["bias"]), ints)
@@ -108,10 +110,12 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
             t = g.op("Slice", [t, g.const([c0], np.int64),
                                g.const([c1], np.int64),
                                g.const([1], np.int64)])
+          if wide:
+            t = g.op("Cast", [t], to=tp.INT64)
           if float_mode:
             t = _float_shift(g, t, term["pre_shift"])
           else:
-            t = _round_shift(g, t, term["pre_shift"])
+            t = _round_shift(g, t, term["pre_shift"], ints)
           v = g.op("Add", [v, g.op("Mul", [t, g.const(_channels(term["m"]),
                                                        ints)])])
         if part["relu"]:
@@ -143,9 +147,10 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
         shift += 2
       lo, hi = op["range"]
       v = (_float_shift(g, v, shift) if float_mode
-           else _round_shift(g, v, shift))
-      env[op["output"]] = g.op("Min", [g.op("Max", [v, g.const(lo, ints)]),
-                                       g.const(hi, ints)])
+           else _round_shift(g, v, shift, ints))
+      v = g.op("Min", [g.op("Max", [v, g.const(lo, ints)]),
+                       g.const(hi, ints)])
+      env[op["output"]] = g.op("Cast", [v], to=tp.INT32) if wide else v
       channels[op["output"]] = sum(len(p["bias"]) for p in op["parts"])
     else:
       raise ValueError(f"unknown op {kind!r}")
@@ -153,7 +158,9 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
       g.nodes, f"pdeq_{program['model']}",
       [g.onnx.helper.make_tensor_value_info("x", tp.FLOAT,
                                             [batch_size, h, w, c])],
-      [g.onnx.helper.make_tensor_value_info("logits", tp.FLOAT, None)],
+      [g.onnx.helper.make_tensor_value_info(
+          "logits", tp.FLOAT,
+          [batch_size, len(program["ops"][-1]["bias"])])],
       g.inits)
   model = g.onnx.helper.make_model(
       graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
@@ -199,7 +206,7 @@ def _conv(g: _Graph, program, op, env, weight_inits, float_mode):
         weight_inits[key]
     return g.op("Conv", [x, wt], pads=onnx_pads, strides=stride)
   if codes.dtype != np.int8:
-    return _im2col_matmul(g, x, codes, op, pads)
+    return _im2col_matmul(g, x, codes, op, pads, bool(op.get("wide")))
   if op["weight"] not in weight_inits:
     weight_inits[op["weight"]] = g.const(codes.transpose(3, 2, 0, 1),
                                          np.int8, hint="w")
@@ -226,10 +233,13 @@ def _transposed(g: _Graph, w: str) -> str:
                         g.const([2, 3], np.int64), g.const([-1, -1], np.int64)])
 
 
-def _im2col_matmul(g: _Graph, x, codes, op, pads):
-  """Exact int32 convolution of wide codes: im2col + int32 MatMul."""
+def _im2col_matmul(g: _Graph, x, codes, op, pads, wide):
+  """Exact convolution of wide codes: im2col + int32 (int64) MatMul."""
   kh, kw, cin, cout = codes.shape
   s = op["stride"]
+  dtype = np.int64 if wide else np.int32
+  if wide:
+    x = g.op("Cast", [x], to=g.onnx.TensorProto.INT64)
   xp = g.op("Pad", [x, g.const([0, 0, pads[0][0], pads[1][0], 0, 0,
                                 pads[0][1], pads[1][1]], np.int64)])
   shape = g.op("Shape", [xp])
@@ -244,7 +254,7 @@ def _im2col_matmul(g: _Graph, x, codes, op, pads):
                                  g.const([s, s], np.int64)]))
   patches = g.op("Transpose", [g.op("Concat", cols, axis=1)],
                  perm=[0, 2, 3, 1])
-  w = g.const(codes.reshape(kh * kw * cin, cout).astype(np.int32), hint="w")
+  w = g.const(codes.reshape(kh * kw * cin, cout).astype(dtype), hint="w")
   y = g.op("MatMul", [patches, w])
   return g.op("Transpose", [y], perm=[0, 3, 1, 2], hint=op["output"])
 

@@ -5,7 +5,7 @@ header (the program with every array replaced by a reference), then the raw
 bytes of the arrays.  Weight codes of ``b`` bits are packed in two's
 complement into containers of 2 (``b = 2``: four codes per byte), 4
 (``b = 3, 4``: two per byte) or 8 bits; wider codes (the stem's) are stored
-as int16.  Requantization constants are int32, the input steps and the float
+as int16/int32.  Requantization constants are int32 (int64 in the stem), the input steps and the float
 head float32.  Loading needs numpy only (no training state, no model code).
 """
 
@@ -22,10 +22,10 @@ MAGIC = b"PDEQINT1"
 
 
 def container_bits(bits: int) -> int:
-  """Bits per stored code: 2, 4, 8 (or 16 for wider codes)."""
-  if not 2 <= bits <= 16:
-    raise ValueError(f"bits must lie in [2, 16], got {bits}")
-  return next(c for c in (2, 4, 8, 16) if bits <= c)
+  """Bits per stored code: 2, 4, 8 (or 16 / 32 for wider codes)."""
+  if not 2 <= bits <= 32:
+    raise ValueError(f"bits must lie in [2, 32], got {bits}")
+  return next(c for c in (2, 4, 8, 16, 32) if bits <= c)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -37,8 +37,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
                      f"{bits} signed bits")
   width = container_bits(bits)
   flat = codes.astype(np.int64).ravel()
-  if width == 16:
-    return flat.astype("<i2").tobytes()
+  if width >= 16:
+    return flat.astype(f"<i{width // 8}").tobytes()
   u = (flat & (2 ** width - 1)).astype(np.uint8)
   per = 8 // width
   u = np.concatenate([u, np.zeros((-u.size) % per, np.uint8)])
@@ -54,8 +54,9 @@ def unpack_codes(data: bytes, bits: int, shape: Tuple[int, ...],
   """Inverse of :func:`pack_codes`."""
   width = container_bits(bits)
   n = int(np.prod(shape))
-  if width == 16:
-    return np.frombuffer(data, "<i2", n).astype(dtype).reshape(shape)
+  if width >= 16:
+    return np.frombuffer(data, f"<i{width // 8}", n).astype(dtype).reshape(
+        shape)
   raw = np.frombuffer(data, np.uint8)
   per = 8 // width
   u = np.stack([(raw >> (k * width)) & (2 ** width - 1) for k in range(per)],

@@ -39,14 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 
 INT32_MAX = 2 ** 31 - 1
+INT64_MAX = 2 ** 63 - 1
 MAX_SHIFT = 30
 MIN_SHIFT = 8  # fewer fraction bits than this: the folded layer is refused
-TERM_BITS = 16  # a wider accumulator is rounded to this many bits first
+TERM_BITS = 16  # a wider int32 term is rounded to this many bits first
+WIDE_TERM_BITS = 30  # the same in a wide (int64) op
 
 
-def pre_shift(bound: float) -> int:
-  """``p`` with ``bound / 2^p < 2^TERM_BITS``."""
-  return max(0, int(np.ceil(np.log2(float(bound) + 1.0))) - TERM_BITS)
+def pre_shift(bound: float, term_bits: int = TERM_BITS) -> int:
+  """``p`` with ``bound / 2^p < 2^term_bits``."""
+  return max(0, int(np.ceil(np.log2(float(bound) + 1.0))) - term_bits)
 
 
 def round_shift(v, shift: int):
@@ -65,14 +67,15 @@ def round_shift(v, shift: int):
 
 def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
                  bias: np.ndarray, *, multiplier: int, lo: int,
-                 rounding: bool, pool_shift: int = 0) -> int:
+                 rounding: bool, pool_shift: int = 0,
+                 limit: int = INT32_MAX) -> int:
   """The largest ``F`` with ``multiplier * max|V| + 2^(S-1) + |lo| 2^S`` in int32.
 
   ``term_bounds[k]``: the largest ``|t_k|``; ``coefs[k]``: its per-channel
   float coefficient; ``multiplier``: how many ``V`` are summed before the
   shift (4 for 2x2 pooling, ``H W`` for the head's global sum).
   """
-  for shift in range(MAX_SHIFT, -1, -1):
+  for shift in range(MAX_SHIFT if limit == INT32_MAX else 60, -1, -1):
     scale = 2.0 ** shift
     bound = float(np.max(np.abs(np.round(bias * scale)))) if bias.size else 0.0
     for t, c in zip(term_bounds, coefs):
@@ -81,7 +84,7 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
     if rounding:
       s = shift + pool_shift
       bound += 2.0 ** (s - 1)
-    if bound <= INT32_MAX:
+    if bound <= limit * (1 - 1e-9):
       if shift < MIN_SHIFT:
         break
       return shift
@@ -90,12 +93,13 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
                    "is too wide for this integer scheme")
 
 
-def fixed_point(values: np.ndarray, shift: int) -> np.ndarray:
-  """``round(values * 2^shift)`` as int32 (values in float64)."""
+def fixed_point(values: np.ndarray, shift: int, wide: bool = False
+                ) -> np.ndarray:
+  """``round(values * 2^shift)`` as int32 (int64 if ``wide``)."""
   out = np.round(np.asarray(values, np.float64) * 2.0 ** shift)
-  if np.any(np.abs(out) > INT32_MAX):
-    raise ValueError("a requantization constant does not fit int32")
-  return out.astype(np.int32)
+  if np.any(np.abs(out) > (INT64_MAX if wide else INT32_MAX)):
+    raise ValueError("a requantization constant does not fit its integers")
+  return out.astype(np.int64 if wide else np.int32)
 
 
 def code_dtype(lo: int, hi: int):
@@ -132,25 +136,31 @@ def _quantize_input(program, x):
 def _conv(program, op, env):
   w = program["weights"][op["weight"]]
   x = env[op["input"]]
-  dtype = jnp.dtype(np.promote_types(code_dtype(*op["input_range"]), w.dtype))
+  if op.get("wide"):  # the stem: int32 codes, int64 accumulation
+    dtype = out = jnp.int64
+  else:
+    dtype = jnp.dtype(np.promote_types(code_dtype(*op["input_range"]),
+                                       w.dtype))
+    out = jnp.int32
   kernel = jnp.asarray(w)
   if op["transpose"]:
     kernel = transpose_kernel(kernel)
   return jax.lax.conv_general_dilated(
       x.astype(dtype), kernel.astype(dtype), (op["stride"],) * 2,
       conv_padding(op, w), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=jnp.int32)
+      preferred_element_type=out)
 
 
 def _fixed_point_sum(op, env):
   """``V`` of a requant/head op: every part, ReLU, channel concatenation."""
   parts = []
+  dtype = jnp.int64 if op.get("wide") else jnp.int32
   for part in op["parts"]:
-    v = jnp.asarray(part["bias"], jnp.int32)
+    v = jnp.asarray(part["bias"], dtype)
     for term in part["terms"]:
       t = env[term["input"]][..., term["channels"][0]:term["channels"][1]]
-      t = round_shift(t.astype(jnp.int32), term["pre_shift"])
-      v = v + t * jnp.asarray(term["m"], jnp.int32)
+      t = round_shift(t.astype(dtype), term["pre_shift"])
+      v = v + t * jnp.asarray(term["m"], dtype)
     if part["relu"]:
       v = jnp.maximum(v, 0)
     parts.append(v)
@@ -165,7 +175,7 @@ def _requant(op, env):
     v = v.reshape(n, h // 2, 2, w // 2, 2, c).sum(axis=(2, 4))
     shift += 2
   lo, hi = op["range"]
-  return jnp.clip(round_shift(v, shift), lo, hi)
+  return jnp.clip(round_shift(v, shift), lo, hi).astype(jnp.int32)
 
 
 def head_logits(features, weight, bias):
@@ -186,7 +196,7 @@ def head_logits(features, weight, bias):
 
 def _head(op, env):
   v = round_shift(_fixed_point_sum(op, env), op["post_shift"])
-  pooled = jnp.sum(v, axis=(1, 2))
+  pooled = jnp.sum(v, axis=(1, 2), dtype=jnp.int32)
   return pooled, head_logits(pooled.astype(jnp.float32),
                              jnp.asarray(op["weight"], jnp.float32),
                              jnp.asarray(op["bias"], jnp.float32))
@@ -204,6 +214,11 @@ def run(program: Dict[str, Any], x: jax.Array, *,
   if jnp.ndim(x) != 4:
     raise ValueError(f"x must be an NHWC image batch (rank 4), got shape "
                      f"{jnp.shape(x)}")
+  with jax.enable_x64(True):  # the stem's int64 accumulator (only there)
+    return _run(program, jnp.asarray(x, jnp.float32), return_intermediates)
+
+
+def _run(program, x, return_intermediates):
   env = {"input": _quantize_input(program, x)}
   logits = None
   for op in program["ops"]:
@@ -221,8 +236,13 @@ def run(program: Dict[str, Any], x: jax.Array, *,
 
 def jit_run(program: Dict[str, Any], return_intermediates: bool = False):
   """``run`` compiled for this program (its constants baked in)."""
-  return jax.jit(functools.partial(run, program,
-                                   return_intermediates=return_intermediates))
+  fn = jax.jit(functools.partial(run, program,
+                                 return_intermediates=return_intermediates))
+
+  def call(x):
+    with jax.enable_x64(True):
+      return fn(x)
+  return call
 
 
 def accumulator_stats(program: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -230,7 +250,7 @@ def accumulator_stats(program: Dict[str, Any]) -> List[Dict[str, Any]]:
 
   ``bound_codes``: from the code ranges and the fan-in (any weights);
   ``bound_weights``: from this layer's weights (``max|x| max_o sum|w|``).
-  ``safe_bits``: the smallest of 16/24/32 that holds ``bound_codes``.
+  ``safe_bits``: the smallest of 16/24/32/64 that holds ``bound_codes``.
   """
   rows = []
   for op in program["ops"]:
@@ -244,12 +264,12 @@ def accumulator_stats(program: Dict[str, Any]) -> List[Dict[str, Any]]:
     w_max = program["weight_meta"][op["weight"]]["qmax"]
     bound_codes = x_max * w_max * kh * kw * cin
     bound_weights = x_max * int(np.abs(w).sum(axis=(0, 1, 2)).max())
-    safe = next((b for b in (16, 24, 32) if bound_codes <= 2 ** (b - 1) - 1),
-                None)
+    safe = next((b for b in (16, 24, 32, 64)
+                 if bound_codes <= 2 ** (b - 1) - 1), None)
     rows.append({"layer": op["output"], "fan_in": kh * kw * cin,
                  "bound_codes": int(bound_codes),
                  "bound_weights": int(bound_weights), "safe_bits": safe,
                  "safe_bits_weights": next(
-                     (b for b in (16, 24, 32)
+                     (b for b in (16, 24, 32, 64)
                       if bound_weights <= 2 ** (b - 1) - 1), None)})
   return rows

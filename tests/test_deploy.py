@@ -214,7 +214,8 @@ def test_bn_folding_within_one_code():
           "stage1_block1/conv1"]), (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       preferred_element_type=jnp.int32)}
-  got = np.asarray(prog._requant(mid, env))  # pylint: disable=protected-access
+  with jax.enable_x64(True):  # int64 requantization
+    got = np.asarray(prog._requant(mid, env))  # pylint: disable=protected-access
   diff = np.abs(got - expected)
   assert diff.max() <= 1
   assert (diff > 0).mean() < 1e-3
@@ -271,7 +272,7 @@ def test_compact_checkpoint_round_trip(converted, tmp_path):
   for name, codes in program["weights"].items():
     np.testing.assert_array_equal(loaded["weights"][name], codes)
   # (tiny nets: the JSON header weighs; ResNet-20 is reported in results/)
-  assert size < pack.float_checkpoint_bytes(variables) / 3
+  assert size < pack.float_checkpoint_bytes(variables) / 2.5
   with pytest.raises(ValueError, match="not a pdeq_jax compact"):
     (tmp_path / "bad").write_bytes(b"nonsense")
     pack.load(tmp_path / "bad")

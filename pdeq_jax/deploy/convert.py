@@ -37,9 +37,11 @@ from pdeq_jax.models import stable_resnet as stable_lib
 INPUT_BITS = 22        # signed input codes, |q| < 2^21 (float32 has 24)
 STEM_WEIGHT_BITS = 22  # signed per-channel stem weight codes
 BN_EPS = 1e-5          # resnet.batch_norm's epsilon
-# The stem accumulates in int64 (2^21 * 2^21 * 27 < 2^47) and requantizes in
-# int64 ("wide" ops): any single rounding there flips codes that every later
-# layer inherits, so it must be as fine as the float model's own rounding.
+# The stem accumulates in int64 (2^21 * 2^21 * 27 < 2^47).  Every
+# requantization multiplies its (int32) accumulators by int64 multipliers in
+# int64 ("wide", as gemmlowp's 32x32->64-bit products): with int32 products
+# the multipliers kept only ~17 bits, a relative error of ~1e-5 that flipped
+# codes near rounding boundaries, and every later layer inherits a flip.
 
 Grid = Tuple[float, int, int]  # (step, lo, hi) of an activation code grid
 
@@ -140,7 +142,7 @@ class _Builder:
                   "relu": bool(part["relu"])})
     return out
 
-  def requant(self, name, parts, grid: Grid, *, pool=False, wide=False):
+  def requant(self, name, parts, grid: Grid, *, pool=False, wide=True):
     """``parts``: ``[{"terms": [(tensor, (c0, c1), coef)], "bias", "relu"}]``
     with coefficients in units of ``grid``'s step; ``wide``: int64."""
     step, lo, hi = grid
@@ -162,20 +164,21 @@ class _Builder:
 
   def head(self, parts, dense: Dict[str, Any]):
     """Integer global sum of ``V`` (value units / 2^F), then float Dense."""
-    coefs, bounds, bias = self._parts(parts)
+    coefs, bounds, bias = self._parts(parts, True)
     h, w, _ = self.shapes[parts[0]["terms"][0][0]]
     shift = prog.choose_shift(bounds, coefs, bias, multiplier=1, lo=0,
-                              rounding=False)
-    fixed = self._fixed(parts, shift)
+                              rounding=False, limit=prog.INT64_MAX)
+    fixed = self._fixed(parts, shift, True)
     v_bound = sum(b_ * float(np.abs(t["m"]).max()) for b_, t in
                   zip(bounds, [t for p in fixed for t in p["terms"]]))
     v_bound += max(float(np.abs(p["bias"]).max()) for p in fixed)
     # per pixel rounded to 2^post of V's units, so that the sum fits int32
-    post = next(p for p in range(0, 32)
+    post = next(p for p in range(0, 63)
                 if h * w * (v_bound / 2.0 ** p + 1.0) <= prog.INT32_MAX)
     kernel = _np(dense["kernel"]) * 2.0 ** post / (2.0 ** shift * h * w)
     self.ops.append({"op": "head", "output": "logits",
                      "parts": fixed, "shift": shift, "post_shift": post,
+                     "wide": True,
                      "pixels": h * w,
                      "weight": kernel.astype(np.float32),
                      "bias": np.asarray(dense["bias"], np.float32)})

@@ -124,7 +124,7 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
       v = g.op("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
       if kind == "head":
         v = (_float_shift(g, v, op["post_shift"]) if float_mode
-             else _round_shift(g, v, op["post_shift"]))
+             else _round_shift(g, v, op["post_shift"], ints))
         pooled = g.op("ReduceSum", [v, g.const([2, 3], np.int64)],
                       keepdims=0)
         feat = pooled if float_mode else g.op("Cast", [pooled], to=tp.FLOAT)

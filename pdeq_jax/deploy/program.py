@@ -13,7 +13,8 @@ A program (a plain dict, see :func:`pdeq_jax.deploy.convert.convert`) is
 
 Requantization (FQ-Conv style, BN folded): for every output channel ``o``
 
-    V = sum_k r(t_k, p_k) * m_k[o] + b[o]  (int32; t_k: accumulators or codes)
+    V = sum_k r(t_k, p_k) * m_k[o] + b[o]  (int64; t_k: int32 accumulators
+                                            or codes, int64 in the stem)
     V = max(V, 0)                          (if the part has a ReLU)
     V = sum of each 2x2 window             (if ``pool``; then S = F + 2)
     code = clip(r(V, S), lo, hi)
@@ -25,8 +26,9 @@ with ``m_k = round(c_k 2^F)`` and ``b = round(d 2^F)`` the float
 coefficients of the folded conv/BN/residual in units of the output grid's
 step.  Rounding: to nearest, ties to even (as ``jnp.round`` in the float
 model: exact ties do occur, e.g. a 2x2 average of codes).  ``F``
-is the largest shift (<= ``MAX_SHIFT``) whose worst-case ``|V|`` (from the
-accumulator bounds) fits int32, so no intermediate can overflow.
+is the largest shift whose worst-case ``|V|`` (from the accumulator bounds)
+fits the op's integers (int64 for every op the converter writes; the
+executor also runs int32 ops), so no intermediate can overflow.
 """
 
 from __future__ import annotations

@@ -329,3 +329,27 @@ def test_stablehlo_round_trip(converted, tmp_path):
     x = jnp.asarray(_inputs(n, seed=n))
     np.testing.assert_array_equal(np.asarray(fn(x)),
                                   np.asarray(prog.jit_run(program)(x)))
+
+
+def _fake_run(path, precision, finished):
+  from configs import cifar
+  config = cifar.get_config(f"resnet8,cifar10_jpeg,{precision},cpu")
+  path.mkdir()
+  (path / "config.json").write_text(config.to_json())
+  (path / "checkpoints").mkdir()
+  (path / "checkpoints" / "1").mkdir()
+  if finished:
+    (path / "results.json").write_text("{}")
+  return str(path)
+
+
+def test_export_cli_errors(tmp_path):
+  from train import export
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    export.load_run(str(tmp_path / "missing"))
+  with pytest.raises(export.ExportError, match="unfinished run"):
+    export.load_run(_fake_run(tmp_path / "a", "4w4a", finished=False))
+  with pytest.raises(export.ExportError, match="float run"):
+    export.load_run(_fake_run(tmp_path / "b", "fp", finished=True))
+  with pytest.raises(export.ExportError, match="--format='tflite'"):
+    export.export(str(tmp_path / "b"), "tflite", str(tmp_path / "out"))

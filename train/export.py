@@ -268,7 +268,8 @@ def deploy_markdown(program, s) -> str:
   rows = []
   for r in prog.accumulator_stats(program):
     seen = s["acc_max"].get(r["layer"], 0)
-    obs_bits = next((b for b in (16, 24, 32) if seen <= 2 ** (b - 1) - 1),
+    obs_bits = next((b for b in (16, 24, 32, 64)
+                     if seen <= 2 ** (b - 1) - 1),
                     None)
     op = next(o for o in program["ops"] if o.get("output") == r["layer"])
     meta = program["weight_meta"][op["weight"]]

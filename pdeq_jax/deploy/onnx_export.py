@@ -1,0 +1,279 @@
+"""ONNX export of an integer program (built with the ``onnx`` package).
+
+The graph takes the same normalised float32 NHWC batch as the JAX model and
+returns float32 logits.  Inside (NCHW):
+
+* input quantization: ``Mul`` by the per-channel inverse step, ``Round`` (ties to
+  even), clip: int32 codes;
+* block convolutions: ``ConvInteger`` on uint8 activations (signed codes
+  shifted by a zero point, which also pads exactly) and int8 weight codes,
+  int32 output; ``Kᵀ`` reads K's initializer through ``Transpose`` + reversed
+  ``Slice`` (the codes are stored once);
+* the stem's 22-bit codes do not fit ``ConvInteger``: im2col (``Slice`` +
+  ``Concat``) and an int64 ``MatMul``, requantized in int64;
+* requantization: int32 ``Mul``/``Add``/``Max``, the 2x2 pool as a
+  ``ReduceSum``, the rounding shift as ``Mod``/``Sub``/``Div`` (exact);
+* head: integer ``ReduceSum``, then the float classifier in the fixed order
+  of :func:`pdeq_jax.deploy.program.head_logits`.
+
+``float_mode=True`` writes the same network on float32 tensors (float
+``Conv`` with the dequantized weights, float requantization with ``Round``):
+the float baseline of the benchmark, not bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from pdeq_jax.deploy import program as prog
+
+OPSET = 17
+
+
+class _Graph:
+
+  def __init__(self):
+    import onnx  # pylint: disable=import-outside-toplevel
+    self.onnx = onnx
+    self.nodes: List[Any] = []
+    self.inits: List[Any] = []
+    self.count = 0
+
+  def name(self, hint="t"):
+    self.count += 1
+    return f"{hint.replace('/', '_')}_{self.count}"
+
+  def const(self, value, dtype=None, hint="c"):
+    arr = np.asarray(value, dtype)
+    name = self.name(hint)
+    self.inits.append(self.onnx.numpy_helper.from_array(arr, name))
+    return name
+
+  def op(self, kind, inputs, hint="t", **attrs):
+    out = self.name(hint)
+    self.nodes.append(self.onnx.helper.make_node(kind, list(inputs), [out],
+                                                 **attrs))
+    return out
+
+
+def _round_shift(g: _Graph, v: str, shift: int, dtype=np.int32) -> str:
+  if shift == 0:
+    return v
+  a = g.op("Add", [v, g.const(1 << (shift - 1), dtype)])
+  d = g.const(1 << shift, dtype)
+  rem = g.op("Mod", [a, d], fmod=0)
+  q = g.op("Div", [g.op("Sub", [a, rem]), d])
+  tie = g.op("Cast", [g.op("Equal", [rem, g.const(0, dtype)])],
+             to=g.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+  odd = g.op("Mod", [q, g.const(2, dtype)], fmod=0)
+  return g.op("Sub", [q, g.op("Mul", [tie, odd])])
+
+
+def _channels(c):
+  return np.asarray(c).reshape(1, -1, 1, 1)
+
+
+def export(program: Dict[str, Any], *, float_mode: bool = False,
+           batch_size: Any = "N"):
+  """The ``onnx.ModelProto`` of ``program`` (see the module docstring)."""
+  g = _Graph()
+  tp = g.onnx.TensorProto
+  h, w, c = program["image_shape"]
+  spec = program["input"]
+  x = g.op("Transpose", ["x"], perm=[0, 3, 1, 2])
+  q = g.op("Round", [g.op("Mul", [x, g.const(_channels(spec["inv_step"]),
+                                             np.float32)])])
+  q = g.op("Min", [g.op("Max", [q, g.const(-spec["qmax"], np.float32)]),
+                   g.const(spec["qmax"], np.float32)])
+  env = {"input": q if float_mode else g.op("Cast", [q], to=tp.INT32)}
+  weight_inits: Dict[str, str] = {}
+  channels = {"input": c}
+  ints = np.float32 if float_mode else np.int32
+  for op in program["ops"]:
+    kind = op["op"]
+    if kind == "conv":
+      env[op["output"]] = _conv(g, program, op, env, weight_inits, float_mode)
+      codes = program["weights"][op["weight"]]
+      channels[op["output"]] = codes.shape[2 if op["transpose"] else 3]
+    elif kind in ("requant", "head"):
+      wide = bool(op.get("wide")) and not float_mode
+      ints = np.float32 if float_mode else (np.int64 if wide else np.int32)
+      parts = []
+      for part in op["parts"]:
+        v = g.const(_channels(part["bias"]), ints)
+        for term in part["terms"]:
+          t = env[term["input"]]
+          c0, c1 = term["channels"]
+          if (c0, c1) != (0, channels[term["input"]]):
+            t = g.op("Slice", [t, g.const([c0], np.int64),
+                               g.const([c1], np.int64),
+                               g.const([1], np.int64)])
+          if wide:
+            t = g.op("Cast", [t], to=tp.INT64)
+          if float_mode:
+            t = _float_shift(g, t, term["pre_shift"])
+          else:
+            t = _round_shift(g, t, term["pre_shift"], ints)
+          v = g.op("Add", [v, g.op("Mul", [t, g.const(_channels(term["m"]),
+                                                       ints)])])
+        if part["relu"]:
+          v = g.op("Max", [v, g.const(0, ints)])
+        parts.append(v)
+      v = g.op("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
+      if kind == "head":
+        v = (_float_shift(g, v, op["post_shift"]) if float_mode
+             else _round_shift(g, v, op["post_shift"], ints))
+        pooled = g.op("ReduceSum", [v, g.const([2, 3], np.int64)],
+                      keepdims=0)
+        feat = pooled if float_mode else g.op("Cast", [pooled], to=tp.FLOAT)
+        weight = np.asarray(op["weight"], np.float32)
+        acc = None
+        for ch in range(weight.shape[0]):
+          col = g.op("Slice", [feat, g.const([ch], np.int64),
+                               g.const([ch + 1], np.int64),
+                               g.const([1], np.int64)])
+          prod = g.op("Mul", [col, g.const(weight[ch:ch + 1], np.float32)])
+          acc = prod if acc is None else g.op("Add", [acc, prod])
+        g.nodes.append(g.onnx.helper.make_node(
+            "Add", [acc, g.const(np.asarray(op["bias"], np.float32)[None])],
+            ["logits"]))
+        continue
+      shift = op["shift"]
+      if op["pool"]:
+        v = g.op("ReduceSum", [_pool_view(g, v), g.const([3, 5], np.int64)],
+                 keepdims=0)
+        shift += 2
+      lo, hi = op["range"]
+      v = (_float_shift(g, v, shift) if float_mode
+           else _round_shift(g, v, shift, ints))
+      v = g.op("Min", [g.op("Max", [v, g.const(lo, ints)]),
+                       g.const(hi, ints)])
+      env[op["output"]] = g.op("Cast", [v], to=tp.INT32) if wide else v
+      channels[op["output"]] = sum(len(p["bias"]) for p in op["parts"])
+    else:
+      raise ValueError(f"unknown op {kind!r}")
+  graph = g.onnx.helper.make_graph(
+      g.nodes, f"pdeq_{program['model']}",
+      [g.onnx.helper.make_tensor_value_info("x", tp.FLOAT,
+                                            [batch_size, h, w, c])],
+      [g.onnx.helper.make_tensor_value_info(
+          "logits", tp.FLOAT,
+          [batch_size, len(program["ops"][-1]["bias"])])],
+      g.inits)
+  model = g.onnx.helper.make_model(
+      graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
+      producer_name="pdeq_jax.deploy")
+  model.ir_version = min(model.ir_version, 9)
+  return model
+
+
+def _float_shift(g: _Graph, v: str, shift: int) -> str:
+  if shift == 0:
+    return v
+  return g.op("Round", [g.op("Mul", [v, g.const(2.0 ** -shift, np.float32)])])
+
+
+def _pool_view(g: _Graph, v: str) -> str:
+  shape = g.op("Shape", [v])
+  n_c = g.op("Slice", [shape, g.const([0], np.int64), g.const([2], np.int64)])
+  hw = g.op("Slice", [shape, g.const([2], np.int64), g.const([4], np.int64)])
+  half = g.op("Div", [hw, g.const([2, 2], np.int64)])
+  h2 = g.op("Slice", [half, g.const([0], np.int64), g.const([1], np.int64)])
+  w2 = g.op("Slice", [half, g.const([1], np.int64), g.const([2], np.int64)])
+  two = g.const([2], np.int64)
+  new_shape = g.op("Concat", [n_c, h2, two, w2, two], axis=0)
+  return g.op("Reshape", [v, new_shape])
+
+
+def _conv(g: _Graph, program, op, env, weight_inits, float_mode):
+  tp = g.onnx.TensorProto
+  codes = np.asarray(program["weights"][op["weight"]])
+  lo, hi = op["input_range"]
+  x = env[op["input"]]
+  pads = prog.conv_padding(op, codes)
+  onnx_pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+  stride = [op["stride"]] * 2
+  if float_mode:
+    key = op["weight"] + "/float"
+    if key not in weight_inits:
+      scale = np.asarray(program["weight_meta"][op["weight"]]["scale"])
+      weight_inits[key] = g.const(codes.transpose(3, 2, 0, 1).astype(
+          np.float32), hint="w")
+      del scale  # the requant multipliers carry the scales
+    wt = _transposed(g, weight_inits[key]) if op["transpose"] else \
+        weight_inits[key]
+    return g.op("Conv", [x, wt], pads=onnx_pads, strides=stride)
+  if codes.dtype != np.int8:
+    return _im2col_matmul(g, x, codes, op, pads, bool(op.get("wide")))
+  if op["weight"] not in weight_inits:
+    weight_inits[op["weight"]] = g.const(codes.transpose(3, 2, 0, 1),
+                                         np.int8, hint="w")
+  wt = weight_inits[op["weight"]]
+  if op["transpose"]:
+    wt = _transposed(g, wt)
+  if lo < 0:
+    xu = g.op("Cast", [g.op("Add", [x, g.const(-lo, np.int32)])],
+              to=tp.UINT8)
+    inputs = [xu, wt, g.const(-lo, np.uint8)]
+  else:
+    if hi > 255:
+      raise ValueError(f"activation codes up to {hi} do not fit uint8")
+    inputs = [g.op("Cast", [x], to=tp.UINT8), wt]
+  return g.op("ConvInteger", inputs, hint=op["output"], pads=onnx_pads,
+              strides=stride)
+
+
+def _transposed(g: _Graph, w: str) -> str:
+  """OIHW of ``Kᵀ`` from K's initializer: in/out swapped, spatially flipped."""
+  t = g.op("Transpose", [w], perm=[1, 0, 2, 3])
+  return g.op("Slice", [t, g.const([-1, -1], np.int64),
+                        g.const([-2 ** 62, -2 ** 62], np.int64),
+                        g.const([2, 3], np.int64), g.const([-1, -1], np.int64)])
+
+
+def _im2col_matmul(g: _Graph, x, codes, op, pads, wide):
+  """Exact convolution of wide codes: im2col + int32 (int64) MatMul."""
+  kh, kw, cin, cout = codes.shape
+  s = op["stride"]
+  dtype = np.int64 if wide else np.int32
+  if wide:
+    x = g.op("Cast", [x], to=g.onnx.TensorProto.INT64)
+  xp = g.op("Pad", [x, g.const([0, 0, pads[0][0], pads[1][0], 0, 0,
+                                pads[0][1], pads[1][1]], np.int64)])
+  shape = g.op("Shape", [xp])
+  hw = g.op("Slice", [shape, g.const([2], np.int64), g.const([4], np.int64)])
+  cols = []
+  for i in range(kh):
+    for j in range(kw):
+      # rows i, i + s, ... while a full window fits: end = size - (k-1-i)
+      ends = g.op("Sub", [hw, g.const([kh - 1 - i, kw - 1 - j], np.int64)])
+      cols.append(g.op("Slice", [xp, g.const([i, j], np.int64), ends,
+                                 g.const([2, 3], np.int64),
+                                 g.const([s, s], np.int64)]))
+  patches = g.op("Transpose", [g.op("Concat", cols, axis=1)],
+                 perm=[0, 2, 3, 1])
+  w = g.const(codes.reshape(kh * kw * cin, cout).astype(dtype), hint="w")
+  y = g.op("MatMul", [patches, w])
+  return g.op("Transpose", [y], perm=[0, 3, 1, 2], hint=op["output"])
+
+
+def save(program: Dict[str, Any], path: str, **kwargs) -> None:
+  """Writes ``export(program)`` to ``path`` (checked with onnx.checker)."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  model = export(program, **kwargs)
+  onnx.checker.check_model(model)
+  onnx.save(model, path)
+
+
+def session(program_or_model, **kwargs):
+  """An onnxruntime CPU session of a program (or an ONNX model / path)."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  model = program_or_model
+  if isinstance(model, dict):
+    model = export(model, **kwargs)
+  data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+  options = ort.SessionOptions()
+  return ort.InferenceSession(data, options,
+                              providers=["CPUExecutionProvider"])

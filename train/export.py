@@ -1,0 +1,319 @@
+"""Export a finished quantized CIFAR run as an integer model.
+
+    python -m train.export --workdir=runs/resnet20_4w4a --format=onnx \
+        --output=export_dir [--which=best] [--max_test=0]
+
+Writes ``<output>/model.onnx`` (or ``model.stablehlo``), the compact
+checkpoint ``model.pdeq`` and ``deploy.md``: per-layer bits, scales,
+accumulator bounds (worst case from code ranges and fan-in, from the weights,
+and the largest value seen on the test set) and safe widths, sizes, MACs by
+bit width, and on the test set: the test accuracy of the fake-quant model,
+the JAX integer path and the exported model, the top-1 agreement (with the
+disagreement count) and the number of exported logits that differ from the
+JAX integer path.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Dict
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdeq_jax import layers
+from pdeq_jax.data import images as image_data
+from pdeq_jax.deploy import convert as convert_lib
+from pdeq_jax.deploy import pack
+from pdeq_jax.deploy import program as prog
+from train import classify
+from train import cli
+from train import common
+
+FLAGS = flags.FLAGS
+FORMATS = ("onnx", "stablehlo")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("workdir", None, "A finished quantized run.", **fv)
+  flags.DEFINE_enum("format", "onnx", list(FORMATS), "Exported model.", **fv)
+  flags.DEFINE_string("output", None, "Directory for the exported files.",
+                      **fv)
+  flags.DEFINE_enum("which", "best", ["best", "final"], "Model of the run.",
+                    **fv)
+  flags.DEFINE_integer("max_test", 0, "Test images to evaluate (0: all).",
+                       **fv)
+  flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.", **fv)
+  flags.DEFINE_bool("allow_unfinished", False, "Export the latest checkpoint "
+                    "of a run that has not finished (its current bits).", **fv)
+
+
+class ExportError(ValueError):
+  """A run that cannot be exported (one line saying why)."""
+
+
+def load_run(workdir: str, which: str = "best",
+             allow_unfinished: bool = False):
+  """Config, variables, bits and a note of a finished quantized run.
+
+  ``allow_unfinished``: a run still training exports its latest checkpoint
+  (the current weights, at the bits of the epoch it is in).
+  """
+  path = pathlib.Path(workdir)
+  config = classify.load_run_config(path)  # clear errors for a bad workdir
+  if config.task != "image_classification":
+    raise ExportError(f"config.task={config.task!r}: only image "
+                      "classification runs export (allowed: "
+                      "image_classification)")
+  finished = (path / "results.json").is_file()
+  if not finished and not allow_unfinished:
+    raise ExportError(f"{path} is an unfinished run (no results.json): "
+                      "export the run once training has finished")
+  final = common.bits_for_epoch(config, int(config.num_epochs) - 1)
+  for field, value in zip(("weight_bits", "act_bits"), final):
+    if int(value) > 8:
+      raise ExportError(
+          f"{path} is a float run (config.quant.{field} ends at "
+          f"{int(value)} bits, i.e. no integer grid); allowed: 2..8 bits")
+  if finished:
+    variables = classify.load_source_variables(str(path), which)
+    bits, note = final, f"finished run, {which} model"
+  else:
+    ckpt = common.Checkpointer(path / "checkpoints")
+    step = ckpt.latest_step()
+    tree = ckpt.restore_raw()
+    ckpt.close()
+    state = tree["state"]
+    variables = {"params": state["params"], **state["model_state"]}
+    num_train = len(classify.load_data(config).train_labels)
+    epoch = step // image_data.steps_per_epoch(num_train,
+                                               int(config.batch_size))
+    bits = common.bits_for_epoch(config, epoch)
+    note = (f"UNFINISHED run: latest checkpoint (step {step}, epoch "
+            f"{epoch + 1} of {config.num_epochs}), its current weights")
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  return config, variables, (int(bits.weights), int(bits.activations)), note
+
+
+def _macs(program) -> Dict[str, int]:
+  """Multiply-accumulates per image, by (weight bits x activation bits)."""
+  out: Dict[str, int] = {}
+  shapes = {"input": program["image_shape"]}
+  for op in program["ops"]:
+    if op["op"] == "conv":
+      w = program["weights"][op["weight"]]
+      kh, kw = w.shape[:2]
+      cin, cout = (w.shape[3], w.shape[2]) if op["transpose"] else \
+          (w.shape[2], w.shape[3])
+      h, wd, _ = shapes[op["input"]]
+      (p0, p1), (q0, q1) = prog.conv_padding(op, w)
+      s = op["stride"]
+      ho, wo = (h + p0 + p1 - kh) // s + 1, (wd + q0 + q1 - kw) // s + 1
+      shapes[op["output"]] = (ho, wo, cout)
+      lo, hi = op["input_range"]
+      abits = int(np.ceil(np.log2(hi - lo + 1)))
+      key = (f"{program['weight_meta'][op['weight']]['bits']}W x "
+             f"{abits}A")
+      out[key] = out.get(key, 0) + ho * wo * cout * kh * kw * cin
+    elif op["op"] == "requant":
+      first = op["parts"][0]["terms"][0]["input"]
+      h, wd, _ = shapes[first]
+      c = sum(len(p["bias"]) for p in op["parts"])
+      shapes[op["output"]] = (h // 2, wd // 2, c) if op["pool"] else (h, wd, c)
+    else:
+      w = np.asarray(op["weight"])
+      out["float head"] = out.get("float head", 0) + w.size
+  return out
+
+
+def evaluate(model, variables, program, config, batches, bits, session=None):
+  """Predictions, logit equality and accumulator maxima over ``batches``."""
+  qbits = layers.QuantBits.make(*bits)
+  fake = jax.jit(lambda x: model.apply(variables, x, qbits))
+  convs = [op["output"] for op in program["ops"] if op["op"] == "conv"]
+
+  @jax.jit
+  def integer_jit(x):
+    logits, env = prog.run(program, x, return_intermediates=True)
+    return logits, {k: jnp.max(jnp.abs(env[k])) for k in convs}
+
+  def integer(x):
+    with jax.enable_x64(True):  # the stem's int64 accumulator
+      logits, maxima = integer_jit(x)
+      return np.asarray(logits), {k: int(v) for k, v in maxima.items()}
+
+  stats = {"count": 0, "correct_fake": 0, "correct_int": 0,
+           "correct_export": 0, "disagree": 0, "export_logit_mismatch": 0,
+           "export_disagree": 0, "acc_max": {k: 0 for k in convs},
+           "seconds": {"fake": 0.0, "int": 0.0, "export": 0.0}}
+  for x, y, mask in batches:
+    keep = np.asarray(mask, bool)
+    x = np.asarray(x, np.float32)
+    t = time.perf_counter()
+    f = np.asarray(fake(x))
+    stats["seconds"]["fake"] += time.perf_counter() - t
+    t = time.perf_counter()
+    logits, maxima = integer(x)
+    logits = np.asarray(logits)
+    stats["seconds"]["int"] += time.perf_counter() - t
+    t = time.perf_counter()
+    e = session(x) if session is not None else logits
+    stats["seconds"]["export"] += time.perf_counter() - t
+    y = np.asarray(y)[keep]
+    pf, pi, pe = (np.argmax(a[keep], -1) for a in (f, logits, e))
+    stats["count"] += int(keep.sum())
+    stats["correct_fake"] += int((pf == y).sum())
+    stats["correct_int"] += int((pi == y).sum())
+    stats["correct_export"] += int((pe == y).sum())
+    stats["disagree"] += int((pf != pi).sum())
+    stats["export_disagree"] += int((pe != pi).sum())
+    stats["export_logit_mismatch"] += int(
+        (np.asarray(e)[keep] != logits[keep]).any(axis=-1).sum())
+    for k, v in maxima.items():
+      stats["acc_max"][k] = max(stats["acc_max"][k], int(v))
+  return stats
+
+
+def export(workdir: str, fmt: str, output: str, *, which: str = "best",
+           max_test: int = 0, batch_size: int = 500,
+           allow_unfinished: bool = False) -> Dict[str, Any]:
+  """Runs the export (see the module docstring); returns the summary."""
+  if fmt not in FORMATS:
+    raise ExportError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
+  config, variables, bits, note = load_run(workdir, which, allow_unfinished)
+  data = classify.load_data(config)
+  model = classify.create_model(config, data.num_classes)
+  program = convert_lib.convert(model, variables, bits, data.mean, data.std,
+                                data.test_images.shape[1:])
+  out = pathlib.Path(output)
+  out.mkdir(parents=True, exist_ok=True)
+  compact = pack.save(program, out / "model.pdeq")
+  float_bytes = pack.float_checkpoint_bytes(variables)
+  if fmt == "onnx":
+    from pdeq_jax.deploy import onnx_export  # pylint: disable=import-outside-toplevel
+    onnx_export.save(program, str(out / "model.onnx"))
+    model_file = out / "model.onnx"
+    sess = onnx_export.session(str(model_file))
+    run_export = lambda x: sess.run(None, {"x": x})[0]
+  else:
+    from pdeq_jax.deploy import stablehlo  # pylint: disable=import-outside-toplevel
+    model_file = out / "model.stablehlo"
+    stablehlo.save(program, model_file)
+    loaded = stablehlo.load(model_file)
+    run_export = lambda x: np.asarray(loaded(jnp.asarray(x)))
+  test_images, test_labels = data.test_images, data.test_labels
+  if max_test and max_test < len(test_labels):
+    idx = np.sort(image_data.balanced_subset(test_labels, max_test, 0))
+    test_images, test_labels = test_images[idx], test_labels[idx]
+  batches = image_data.eval_batches(test_images, test_labels, batch_size,
+                                    mean=data.mean, std=data.std)
+  stats = evaluate(model, variables, program, config, batches, bits,
+                   run_export)
+  summary = {"workdir": str(workdir), "which": note, "format": fmt,
+             "bits": {"weights": bits[0], "activations": bits[1]},
+             "compact_bytes": compact, "float32_bytes": float_bytes,
+             "model_file": model_file.name,
+             "model_bytes": model_file.stat().st_size,
+             "macs": _macs(program), **{k: v for k, v in stats.items()}}
+  common.write_json(out / "summary.json", summary)
+  text = deploy_markdown(program, summary)
+  common.write_text(out / "deploy.md", text)
+  print(text)
+  return summary
+
+
+def deploy_markdown(program, s) -> str:
+  n = s["count"]
+  acc = lambda k: f"{100 * s[k] / max(n, 1):.2f}"
+  lines = [f"# Integer export of `{s['workdir']}` ({s['which']})", "",
+           f"{s['bits']['weights']}-bit weights, {s['bits']['activations']}"
+           f"-bit activations; format {s['format']} (`{s['model_file']}`).",
+           "", "## Test set", "",
+           common.markdown_table(
+               ["path", "test accuracy %", "top-1 disagreements with the "
+                "integer path"],
+               [["fake-quant model (JAX, float)", acc("correct_fake"),
+                 f"{s['disagree']} / {n}"],
+                ["integer program (JAX, int32)", acc("correct_int"), "0"],
+                [f"exported ({s['format']})", acc("correct_export"),
+                 f"{s['export_disagree']} / {n}"]]), "",
+           f"Agreement of the integer path with the fake-quant model: "
+           f"{100 * (1 - s['disagree'] / max(n, 1)):.3f}% "
+           f"({s['disagree']} of {n} test images disagree).  Exported logits "
+           f"that differ from the JAX integer path in any entry: "
+           f"{s['export_logit_mismatch']} of {n} images.", "",
+           "## Sizes", "",
+           common.markdown_table(
+               ["file", "bytes", "vs float32 variables"],
+               [["float32 variables (params + BN statistics)",
+                 s["float32_bytes"], "1"],
+                ["compact checkpoint `model.pdeq`", s["compact_bytes"],
+                 f"1/{s['float32_bytes'] / s['compact_bytes']:.2f}"],
+                [f"`{s['model_file']}`", s["model_bytes"],
+                 f"1/{s['float32_bytes'] / s['model_bytes']:.2f}"]]), "",
+           "## MACs per image by bit width", "",
+           common.markdown_table(["operands", "MACs"],
+                                 [[k, v] for k, v in s["macs"].items()]), "",
+           "## Accumulators", "",
+           "`bound codes`: worst case from the code ranges and the fan-in "
+           "(any weights); `bound weights`: `max|x| * max_o sum|w|` for these "
+           "weights; `observed`: largest |accumulator| on the test images.  "
+           "A width is safe when the bound fits a signed accumulator of that "
+           "many bits.", ""]
+  rows = []
+  for r in prog.accumulator_stats(program):
+    seen = s["acc_max"].get(r["layer"], 0)
+    obs_bits = next((b for b in (16, 24, 32, 64)
+                     if seen <= 2 ** (b - 1) - 1),
+                    None)
+    op = next(o for o in program["ops"] if o.get("output") == r["layer"])
+    meta = program["weight_meta"][op["weight"]]
+    scale = meta["scale"]
+    scale = (f"{scale:.4g}" if isinstance(scale, float)
+             else f"per channel {min(scale):.3g}..{max(scale):.3g}")
+    rows.append([r["layer"] + (" (Kᵀ)" if op["transpose"] else ""),
+                 meta["bits"], scale, f"{op['input_range'][0]}..{op['input_range'][1]}",
+                 r["fan_in"], r["bound_codes"], r["bound_weights"], seen,
+                 r["safe_bits"], r["safe_bits_weights"], obs_bits,
+                 "yes" if r["bound_codes"] <= 2 ** 15 - 1 else "**no**"])
+  lines.append(common.markdown_table(
+      ["layer", "w bits", "w scale", "input codes", "fan-in", "bound codes",
+       "bound weights", "observed", "safe width (codes)",
+       "safe width (weights)", "width for observed", "16-bit safe?"], rows))
+  lines += ["", "## Requantization", "",
+            "Per layer: output code range, activation step and fixed-point "
+            "shift F (multipliers `round(c 2^F)`, rounding to nearest, ties "
+            "to even).", ""]
+  rq = [[op["output"], f"{op['range'][0]}..{op['range'][1]}",
+         f"{op['step']:.4g}", op["shift"], "yes" if op["pool"] else ""]
+        for op in program["ops"] if op["op"] == "requant"]
+  head = program["ops"][-1]
+  rq.append(["head (integer sum, float Dense)", "-", "-",
+             f"{head['shift']} (+{head['post_shift']} before the sum)", ""])
+  lines.append(common.markdown_table(
+      ["output", "codes", "step", "F", "2x2 pool"], rq))
+  lines += ["", "Timing of this evaluation (seconds, whole test set, not a "
+            "benchmark): " + json.dumps({k: round(v, 1) for k, v in
+                                         s["seconds"].items()}), ""]
+  return "\n".join(lines)
+
+
+def main(argv):
+  common.quiet_absl_logging()
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.output:
+    raise ValueError("--workdir and --output are required")
+  export(FLAGS.workdir, FLAGS.format, FLAGS.output, which=FLAGS.which,
+         max_test=FLAGS.max_test, batch_size=FLAGS.batch_size,
+         allow_unfinished=FLAGS.allow_unfinished)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

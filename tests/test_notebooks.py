@@ -26,6 +26,10 @@ CI_PARAMETERS = {
         "CPU_DEVICES = 2\nNUM_EPOCHS = 2\nVAL_FRACTION = 0.01\n"
         "START_BITS = 5\nEPOCHS_PER_STEP = 1\nMAX_TRAIN = 128\nMAX_TEST = 100\n"
         "BATCH_SIZE = 32\nCONSISTENCY_EXAMPLES = 100"),
+    "04_deploy": (
+        'DATASET = "cifar10_jpeg"\nMODEL = "resnet8"\nNUM_EPOCHS = 2\n'
+        "START_BITS = 5\nEPOCHS_PER_STEP = 1\nBATCH_SIZE = 32\n"
+        "MAX_TRAIN = 128\nVAL_FRACTION = 0.01\nMAX_TEST = 64"),
 }
 
 

@@ -8,6 +8,8 @@ network; symmetric (stable) networks keep it bounded across depth.
 
 from __future__ import annotations
 
+import csv
+import pathlib
 import re
 from typing import Any, Dict, Optional, Sequence
 
@@ -159,6 +161,115 @@ def plot_layerwise_mse(curves: Dict[str, Sequence[float]], path: str,
   ax.set_title(title or "b-bit vs clip-only hidden states")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# The authors' published per-layer curves (``website/source/*_layerwise_mse_*.csv``
+# in BGUCompSci/CNNQuantizationThroughPDEs) hold, per block output, the
+# *root* of the mean squared difference between the quantized network and the
+# same network with 32-bit activations: ``sqrt(sum ||a - a_q||^2 / numel)``
+# (``report_graph_activation_diffs`` in their ``stable_exp.py``).  Ours keep
+# the mean square (``mse``); ``rmse`` below converts to their definition.
+PUBLISHED_COLUMNS = ("unstable", "stable", "layer")
+
+
+def rmse(mse: Sequence[float]) -> np.ndarray:
+  """Root of the per-layer mean squared error: the published curves' unit."""
+  values = np.asarray(mse, np.float64)
+  if np.any(values < 0):
+    raise ValueError("a mean squared error cannot be negative")
+  return np.sqrt(values)
+
+
+def read_published_layerwise(path: str) -> Dict[str, np.ndarray]:
+  """Reads one of the authors' published per-layer CSVs.
+
+  Returns ``{"unstable": [L], "stable": [L], "layer": [L], "commented": [L]}``
+  with layers as published, counted from 1.  The published ResNet-56 files
+  comment out their last row (block 27, ``# 0.357,0.102,27`` for CIFAR-10),
+  so their figure stops at block 26; such rows are read too and flagged in
+  ``commented`` so that the depth axis still counts every block.  Errors name
+  the file and what is wrong.
+  """
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(
+        f"published per-layer curve not found: {file} (expected "
+        "website/source/resnet56_vs_stablenet56_layerwise_mse_cifar10.csv of "
+        "a BGUCompSci/CNNQuantizationThroughPDEs checkout)")
+  with file.open(newline="") as handle:
+    rows = list(csv.reader(handle))
+  if not rows or tuple(c.strip() for c in rows[0]) != PUBLISHED_COLUMNS:
+    raise ValueError(f"{file}: header must be {','.join(PUBLISHED_COLUMNS)}, "
+                     f"got {','.join(rows[0]) if rows else 'an empty file'}")
+  values, commented = [], []
+  for row in rows[1:]:
+    if not any(c.strip() for c in row):
+      continue
+    is_comment = row[0].lstrip().startswith("#")
+    if is_comment:
+      row = [row[0].lstrip()[1:]] + row[1:]
+    if len(row) != len(PUBLISHED_COLUMNS):
+      raise ValueError(f"{file}: every row needs {len(PUBLISHED_COLUMNS)} "
+                       f"values, got {row}")
+    try:
+      values.append([float(c) for c in row])
+    except ValueError as err:
+      raise ValueError(f"{file}: a value is not a number ({err})") from None
+    commented.append(is_comment)
+  if not values or all(commented):
+    raise ValueError(f"{file}: no data rows")
+  table = np.asarray(values, np.float64)
+  out = {name: table[:, i] for i, name in enumerate(PUBLISHED_COLUMNS)}
+  out["commented"] = np.asarray(commented, bool)
+  return out
+
+
+def relative_depth(num_layers: int) -> np.ndarray:
+  """Block k of L (k = 1..L) at depth k / L, so nets of different depth share
+  one axis."""
+  return np.arange(1, num_layers + 1, dtype=np.float64) / num_layers
+
+
+def plot_against_published(runs: Dict[str, Dict[str, Sequence[float]]],
+                           published: Dict[str, Dict[str, np.ndarray]],
+                           path: str, title: str = "") -> None:
+  """Fig. 3 beside the authors' published curves.
+
+  Left panel: per-block RMSE (the published definition) of ``runs`` (label ->
+  ``{"mse": [L], ...}``) as solid lines and of ``published`` (label ->
+  ``{"rmse": [K]}``, optionally ``"layer": [K]`` and ``"num_layers"`` when
+  only some of the net's blocks are plotted) as dashed lines, against
+  relative depth.  Right panel:
+  the runs' normalised MSE (the published files have none).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for label, stats in runs.items():
+    values = rmse(stats["mse"])
+    left.plot(relative_depth(len(values)), values, marker="o", markersize=3,
+              label=label)
+    nmse = np.asarray(stats["normalized_mse"], np.float64)
+    right.plot(relative_depth(len(nmse)), nmse, marker="o", markersize=3,
+               label=label)
+  for label, stats in published.items():
+    values = np.asarray(stats["rmse"], np.float64)
+    depth = np.asarray(stats.get("layer", np.arange(1, len(values) + 1)),
+                       np.float64) / float(stats.get("num_layers", len(values)))
+    left.plot(depth, values, linestyle="--", label=label)
+  left.set_ylabel("RMSE per block, b-bit vs 32-bit activations")
+  right.set_ylabel("normalised MSE per block")
+  for ax in (left, right):
+    ax.set_xlabel("relative depth (block / number of blocks)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title or "per-block divergence of b-bit from 32-bit "
+               "activations")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

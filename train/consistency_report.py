@@ -8,6 +8,12 @@ activations (accuracy of both) and the per-layer MSE between the two runs'
 hidden maps; each run's ``consistency.json`` / ``results.json`` are updated,
 and ``<output>/layerwise_mse.png`` puts all the runs on one plot (standard vs
 stable, like Fig. 3) beside ``<output>/consistency.md``.
+
+With ``--published_csv`` (the authors' per-layer file, e.g.
+``<checkout>/website/source/resnet56_vs_stablenet56_layerwise_mse_cifar10.csv``)
+``<output>/fig3_with_published.png`` also puts the authors' published
+ResNet-56 / Stable ResNet-56 curves beside the runs' curves, in the published
+definition (per-block RMSE) against relative depth.
 """
 
 from __future__ import annotations
@@ -34,38 +40,70 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("max_examples", 0, "Test images (0: all).", **fv)
   flags.DEFINE_enum("which", "best", ["best", "final"], "Model of each run.",
                     **fv)
+  flags.DEFINE_string("published_csv", "", "The authors' published per-layer "
+                      "CSV (columns unstable,stable,layer) to plot beside the "
+                      "runs.", **fv)
+  flags.DEFINE_list("published_labels", ["ResNet-56", "Stable ResNet-56"],
+                    "Names of the published CSV's unstable and stable "
+                    "columns.", **fv)
 
 
 def report(workdirs, output: str, max_examples: int = 0,
-           which: str = "best") -> str:
+           which: str = "best", published_csv: str = "",
+           published_labels=("ResNet-56", "Stable ResNet-56")) -> str:
   validate.integer_at_least(max_examples, "--max_examples", 0)
+  published = {}
+  if published_csv:
+    if len(published_labels) != 2:
+      raise ValueError("--published_labels needs two names (unstable, "
+                       f"stable), got {list(published_labels)}")
+    table = consistency.read_published_layerwise(published_csv)
+    shown = ~table["commented"]  # the published figure's rows
+    for column, name in zip(("unstable", "stable"), published_labels):
+      published[f"{name} (authors, published)"] = {
+          "rmse": table[column][shown], "layer": table["layer"][shown],
+          "num_layers": int(table["layer"].max())}
   for workdir in workdirs:  # every run checked before anything is written
     classify.load_run_config(pathlib.Path(workdir))
   output_dir = pathlib.Path(output)
   output_dir.mkdir(parents=True, exist_ok=True)
-  curves, rows = {}, []
+  curves, runs, rows, block_rows = {}, {}, [], []
   for workdir in workdirs:
     stats = classify.consistency_report(workdir, max_examples, which=which)
     label = pathlib.Path(workdir).resolve().parent.name \
         if pathlib.Path(workdir).name.startswith("seed") else \
         pathlib.Path(workdir).name
     curves[label] = stats["normalized_mse"]
+    runs[label] = stats
+    block_rmse = consistency.rmse(stats["mse"])
     rows.append([label, stats["examples"],
                  f"{100 * stats['test_acc_bits']:.2f}",
                  f"{100 * stats['test_acc_clip_only']:.2f}",
                  f"{stats['overall_mse']:.4g}",
+                 f"{float(block_rmse.mean()):.4g}",
                  f"{stats['overall_normalized_mse']:.4g}",
                  f"{stats['normalized_mse'][-1]:.4g}"])
+    for block, (m, r, n) in enumerate(zip(stats["mse"], block_rmse,
+                                          stats["normalized_mse"]), 1):
+      block_rows.append([label, block, f"{float(m):.4g}", f"{float(r):.4g}",
+                         f"{float(n):.4g}"])
   text = ("Same weights, b-bit vs clip-only activations: test accuracy of "
           "both, MSE between every block's output (mean over blocks), the "
           "normalised MSE (per block, by the clip-only mean square) and its "
-          "value at the last block.\n\n" + common.markdown_table(
+          "value at the last block.  RMSE is the root of each block's MSE, "
+          "the definition of the authors' published per-layer curves.\n\n"
+          + common.markdown_table(
               ["run", "test images", "acc b-bit %", "acc clip-only %",
-               "act MSE", "normalised MSE", "normalised MSE, last block"],
-              rows))
+               "act MSE", "act RMSE", "normalised MSE",
+               "normalised MSE, last block"], rows)
+          + "\n\nPer block:\n\n" + common.markdown_table(
+              ["run", "block", "MSE", "RMSE", "normalised MSE"], block_rows))
   common.write_text(output_dir / "consistency.md", text)
   consistency.plot_layerwise_mse(curves, str(output_dir / "layerwise_mse.png"),
                                  title="b-bit vs clip-only activations")
+  if published:
+    consistency.plot_against_published(
+        runs, published, str(output_dir / "fig3_with_published.png"))
   print(text)
   return text
 
@@ -76,7 +114,8 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdirs or not FLAGS.output:
     raise ValueError("--workdirs and --output are required")
-  report(FLAGS.workdirs, FLAGS.output, FLAGS.max_examples, FLAGS.which)
+  report(FLAGS.workdirs, FLAGS.output, FLAGS.max_examples, FLAGS.which,
+         FLAGS.published_csv, FLAGS.published_labels)
 
 
 if __name__ == "__main__":

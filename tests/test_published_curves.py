@@ -82,3 +82,26 @@ def test_report_checks_the_published_file_before_writing(tmp_path):
             tmp_path / "ok.csv", "unstable,stable,layer\n1,1,1\n"),
         published_labels=("only one",))
   assert not out.exists()
+
+
+def test_authors_compare_report_orders_blocks_and_gives_rmse():
+  import argparse  # pylint: disable=import-outside-toplevel
+  from benchmarks import authors_compare  # pylint: disable=import-outside-toplevel
+  args = argparse.Namespace(
+      max_train=5000, val_fraction=0.1, num_epochs=10, precision="4w4a",
+      start_bits=8, epochs_per_step=1, consistency_examples=0, seeds=2,
+      models=["resnet20", "stable_resnet20"])
+
+  def run(acc, mse):
+    return {"test_acc": acc, "clip_only_acc": acc, "mse": mse,
+            "normalized_mse": [m / 10 for m in mse], "wall_seconds": 1.0}
+  runs = {("resnet20", "pdeq-jax"): [run(0.5, [0.04, 0.09]),
+                                     run(0.6, [0.04, 0.09])],
+          ("stable_resnet20", "pdeq-jax"): [run(0.4, [0.01, 0.16]),
+                                            run(0.4, [0.01, 0.16])]}
+  text = authors_compare.report(runs, args)
+  # accuracy mean ± sample std over the two seeds; mean block RMSE
+  # (0.2 + 0.3) / 2 and (0.1 + 0.4) / 2.
+  assert "| resnet20 | pdeq-jax | 55.00 ± 7.07 |" in text
+  assert "| 0.0650 ± 0.0000 | 0.2500 ± 0.0000 |" in text
+  assert "- pdeq-jax, mse: 1/2 blocks (<>)" in text

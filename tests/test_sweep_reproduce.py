@@ -232,6 +232,33 @@ def test_run_or_load_reuses_results_only_for_the_same_config(tmp_path):
   assert calls == [0.1]
 
 
+def test_a_run_recorded_by_an_older_version_resumes(tmp_path, capsys):
+  import ml_collections
+  from train import common
+  (tmp_path / "results.json").write_text("{}")  # the workdir is claimed
+  # Recorded before `data.threads` and `noise` existed.
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"lr": 0.1, "data": {"name": "cifar10_jpeg"}}))
+  config = ml_collections.ConfigDict(
+      {"lr": 0.1, "data": {"name": "cifar10_jpeg", "threads": 1},
+       "noise": {"enabled": False}})
+  common.prepare_workdir(tmp_path, config)
+  out = capsys.readouterr().out
+  assert "data.threads=1" in out and "noise={'enabled': False}" in out
+  assert json.loads((tmp_path / "config.json").read_text())["data"] == {
+      "name": "cifar10_jpeg", "threads": 1}
+  # A key the old run had, changed, is still refused; so is a dropped key.
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"lr": 0.1, "data": {"name": "cifar10_jpeg"}}))
+  config.lr = 0.2
+  with pytest.raises(ValueError, match=r"different config \(keys \['lr'\]"):
+    common.prepare_workdir(tmp_path, config)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"lr": 0.2, "old_key": 1, "data": {"name": "cifar10_jpeg"}}))
+  with pytest.raises(ValueError, match=r"keys \['old_key'\]"):
+    common.prepare_workdir(tmp_path, config)
+
+
 def test_importance_plot_of_a_study(tmp_path):
   study = optuna.create_study(direction="maximize",
                               sampler=optuna.samplers.RandomSampler(seed=0))

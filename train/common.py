@@ -135,6 +135,11 @@ def prepare_workdir(workdir: os.PathLike, config: Any,
   e.g. extending the number of epochs) raises ValueError naming the differing
   keys, so that a resumed run can never silently mix two experiments.  The
   ``config.json`` of a run that failed before training is simply replaced.
+
+  Keys that the recorded config does not have at all were added to pdeq-jax
+  after the run started (new options default to the old behaviour), so a run
+  recorded by an older version still resumes: those keys are printed with the
+  values they take, and ``config.json`` is updated.
   """
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
@@ -150,13 +155,39 @@ def prepare_workdir(workdir: os.PathLike, config: Any,
       raise ValueError(f"{path} is corrupt (not JSON); delete the workdir "
                        f"{workdir} to start fresh, or use a new --workdir"
                        ) from None
-    diffs = sorted(_diff_keys(old, new) - set(resume_keys_ignored))
+    added = sorted(_added_keys(old, new))
+    diffs = sorted(_diff_keys(old, new) - set(resume_keys_ignored)
+                   - set(added))
+    if added and not diffs:
+      print(f"resuming {workdir}, recorded by an older pdeq-jax: keys it did "
+            "not have take the values "
+            + ", ".join(f"{k}={_lookup(new, k)!r}" for k in added),
+            flush=True)
     if diffs:
       raise ValueError(
           f"workdir {workdir} holds a run with a different config "
           f"(keys {diffs}); use a new --workdir or restore the config")
   write_json(path, new)
   return workdir
+
+
+def _added_keys(old: Any, new: Any, prefix: str = "") -> set:
+  """Dotted keys present in ``new`` whose path is absent from ``old``."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return set()
+  out = set()
+  for k, v in new.items():
+    if k not in old:
+      out.add(f"{prefix}{k}")
+    else:
+      out |= _added_keys(old[k], v, f"{prefix}{k}.")
+  return out
+
+
+def _lookup(tree: Dict[str, Any], dotted: str) -> Any:
+  for part in dotted.split("."):
+    tree = tree[part]
+  return tree
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set:

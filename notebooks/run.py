@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import pathlib
 import sys
@@ -40,21 +41,35 @@ def with_parameters(nb, assignments: str):
   return nb
 
 
+@contextlib.contextmanager
+def _checkout_first_on_pythonpath():
+  """PYTHONPATH with this checkout first while the kernel starts (the
+  kernel inherits it), restored afterwards."""
+  before = os.environ.get("PYTHONPATH")
+  os.environ["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO_ROOT)] + [p for p in (before or "").split(os.pathsep) if p])
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop("PYTHONPATH", None)
+    else:
+      os.environ["PYTHONPATH"] = before
+
+
 def execute(source: pathlib.Path, assignments: str = "",
             cwd: Optional[pathlib.Path] = None, timeout: int = 3600):
   """Executes the notebook; returns it with its outputs and the wall time."""
   import jupytext  # pylint: disable=import-outside-toplevel
   import nbclient  # pylint: disable=import-outside-toplevel
   nb = with_parameters(jupytext.read(source), assignments)
-  # the kernel imports this checkout, whatever is installed
-  os.environ["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
-          os.pathsep) if p])
   start = time.perf_counter()
-  nbclient.NotebookClient(
-      nb, timeout=timeout, kernel_name="python3",
-      resources={"metadata": {"path": str(cwd or pathlib.Path.cwd())}}
-  ).execute()
+  # the kernel imports this checkout, whatever is installed
+  with _checkout_first_on_pythonpath():
+    nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name="python3",
+        resources={"metadata": {"path": str(cwd or pathlib.Path.cwd())}}
+    ).execute()
   return nb, time.perf_counter() - start
 
 

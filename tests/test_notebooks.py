@@ -5,6 +5,8 @@ A notebook's ``parameters`` cell holds its sizes; CI overrides them by running
 an extra cell right after it (the papermill convention), so the committed
 notebooks keep their full-size settings.
 """
+import os
+
 import pytest
 
 jupytext = pytest.importorskip("jupytext")
@@ -69,6 +71,19 @@ def test_notebook_runs(source, tmp_path, monkeypatch):
   _, seconds = run.execute(source, CI_PARAMETERS[source.stem], cwd=tmp_path,
                            timeout=600)
   print(f"{source.stem}: {seconds:.1f} s")
+  assert os.environ["PYTHONPATH"] == ""  # the runner restored it
+
+
+def test_kernel_pythonpath_is_set_for_the_kernel_only(monkeypatch):
+  monkeypatch.setenv("PYTHONPATH", "/somewhere")
+  with run._checkout_first_on_pythonpath():  # pylint: disable=protected-access
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [
+        str(run.REPO_ROOT), "/somewhere"]
+  assert os.environ["PYTHONPATH"] == "/somewhere"
+  monkeypatch.delenv("PYTHONPATH")
+  with run._checkout_first_on_pythonpath():  # pylint: disable=protected-access
+    assert os.environ["PYTHONPATH"] == str(run.REPO_ROOT)
+  assert "PYTHONPATH" not in os.environ
 
 
 def test_parameters_cell_is_required(tmp_path):

@@ -167,6 +167,38 @@ def test_small_cnn_parameter_count_and_sites():
                                 model.apply(variables, x))
 
 
+def test_small_cnn_bias_sites():
+  """``biases=True``: a format per bias, applied in the parameter tree."""
+  x = np.random.default_rng(1).normal(size=(2, 28, 28, 1)).astype(np.float32)
+  model = models.create("small_cnn", 10, quantize_weights=False,
+                        quantize_activations=False)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  params["conv2"]["bias"] = np.linspace(-1, 1, 64).astype(np.float32)
+  variables = {"params": params}
+  program = ptq.FlaxProgram(model, variables, x, biases=True, train=False)
+  names = [s.name for s in program.sites]
+  assert names == ["conv1/in", "conv1/wq", "conv1/bias", "aq1", "conv2/wq",
+                   "conv2/bias", "aq2", "dense1/wq", "dense1/bias", "aq3",
+                   "dense2/wq", "dense2/bias"]
+  assert [s.size for s in program.sites if s.kind == "bias"] == [32, 64,
+                                                                 128, 10]
+  program.calibrate(variables, [x])
+  assert program.sites[names.index("conv2/bias")].max_abs == 1.0
+  bw = np.zeros(len(names), np.int32)
+  f = np.zeros(len(names), np.int32)
+  i = names.index("conv2/bias")
+  bw[i], f[i] = 3, 1   # steps of 0.5, codes in [-3, 3]
+  params_q = jax.tree_util.tree_map(lambda a: a, params)
+  params_q["conv2"]["bias"] = np.round(params["conv2"]["bias"] * 2) / 2
+  np.testing.assert_allclose(program.apply(variables, x, bw, f),
+                             model.apply({"params": params_q}, x),
+                             rtol=1e-6, atol=1e-6)
+  # biases count in the memory: Σ BW·n over weights and biases
+  bits = np.full(len(names), 8)
+  assert ptq.memory_kib(program.sites, bits) == 8 * 421_642 / 8 / 1024
+
+
 # ------------------------------------- real Fashion-MNIST (when installed) ---
 
 def _real_fashion_mnist():

@@ -239,3 +239,13 @@ def test_ptq_budget_holds_on_real_fashion_mnist(tmp_path):
   drop = problem.evaluate(zeros, zeros) - problem.evaluate(bw, fr)
   assert drop == pytest.approx(row["val_drop"]) and drop <= 1.0 + 1e-9
   assert "| aq2 | act | 3136 |" in (out / "ptq.md").read_text()
+
+
+def test_biases_flag_refused_for_node_classification(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"task": "node_classification",
+       "quant": {"weight_bits": 32, "act_bits": 32}}))
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(ValueError, match="--biases applies to image "
+                     "classification"):
+    ptq_cli.run_ptq(str(tmp_path), biases=True)

@@ -46,7 +46,7 @@ def main(argv):
                    f"{s['test_drop']:+.2f}", f"{s['memory_kib']:.1f}",
                    f"{s['memory_vs_8bit']:+.1%}", f"{s['mult_cost']:.3g}",
                    f"{s['mult_vs_8bit']:+.1%}", f"{s['search_seconds']:.0f}",
-                   s["evaluations"], s["val_examples"]])
+                   s["evaluations"], s["val_examples"] or "all"])
       formats = searches[search]["formats"]
       w = [f["bw"] or 32 for f in formats if f["kind"] == "weight"]
       a = [f["bw"] or 32 for f in formats if f["kind"] == "act"]

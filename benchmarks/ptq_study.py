@@ -5,7 +5,8 @@
 Reads ``<root>/<model>/<search>/formats.json`` and prints, per model, the
 sequential / independent / uniform-8 rows (accuracy drop, memory and
 multiplication cost vs all-8-bit, search time) and the mean bits per layer
-kind of each sequential result (the stable-vs-standard comparison).
+kind of each result (the stable-vs-standard comparison; biases "float"
+unless the run quantized them, ``train.ptq --biases``).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def main(argv):
                    f"{s['test_drop']:+.2f}", f"{s['memory_kib']:.1f}",
                    f"{s['memory_vs_8bit']:+.1%}", f"{s['mult_cost']:.3g}",
                    f"{s['mult_vs_8bit']:+.1%}", f"{s['search_seconds']:.0f}",
-                   s["evaluations"], s["val_examples"]])
+                   s["evaluations"], s["val_examples"] or "all"])
       formats = searches[search]["formats"]
       w = [f["bw"] or 32 for f in formats if f["kind"] == "weight"]
       a = [f["bw"] or 32 for f in formats if f["kind"] == "act"]
+      b = [f["bw"] or 32 for f in formats if f["kind"] == "bias"]
       bits_rows.append([model, search, len(w), f"{np.mean(w):.2f}",
                         f"{min(w)}-{max(w)}", len(a), f"{np.mean(a):.2f}",
-                        f"{min(a)}-{max(a)}"])
+                        f"{min(a)}-{max(a)}",
+                        f"{np.mean(b):.2f}" if b else "float"])
   print("## Accuracy and cost (drops in % points; costs vs all-8-bit)\n")
   print(common.markdown_table(
       ["model", "search", "float val", "val drop", "float test",
@@ -60,7 +63,7 @@ def main(argv):
   print("## Bits per tensor kind (float counted as 32)\n")
   print(common.markdown_table(
       ["model", "search", "weight tensors", "mean BW_w", "range",
-       "activations", "mean BW_a", "range"], bits_rows))
+       "activations", "mean BW_a", "range", "mean BW_bias"], bits_rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ budget, with no retraining.
   max|x|)`` -- the largest ``F`` whose range still covers ``max|x|``
   (up to one step).
 * Cost model (:func:`memory_kib`, :func:`mult_cost`): memory
-  ``Σ BW · n`` over the weight tensors (KiB); multiplication cost
+  ``Σ BW · n`` over the weight (and bias) tensors (KiB); multiplication cost
   ``Σ BW_w · BW_a · MACs`` over the multiplying layers, ``BW_a`` the format
   of the activation the layer multiplies with.  Unquantized tensors count
   32 bits.
@@ -173,7 +173,7 @@ class Site:
   split).
   """
   name: str
-  kind: str            # "weight" or "act"
+  kind: str            # "weight", "bias" or "act"
   size: int
   max_abs: float = 0.0
 
@@ -193,10 +193,11 @@ def _bits(bw: Any) -> np.ndarray:
 
 
 def memory_kib(sites: Sequence[Site], bw: Sequence[int]) -> float:
-  """Weight memory ``Σ BW · n`` over the weight sites, in KiB."""
+  """Parameter memory ``Σ BW · n`` over the weight (and bias) sites, in
+  KiB."""
   b = _bits(bw)
   return float(sum(int(b[i]) * s.size for i, s in enumerate(sites)
-                   if s.kind == "weight")) / 8 / 1024
+                   if s.kind in ("weight", "bias"))) / 8 / 1024
 
 
 def activation_kib(sites: Sequence[Site], bw: Sequence[int]) -> float:
@@ -471,18 +472,28 @@ class FlaxProgram:
     features): ``<layer>/in``.  So every multiplication has fixed-point
     operands.
 
+  * biases (only with ``biases=True``, the paper quantizes them too): the
+    ``bias`` parameter of every QuantConv/QuantDense that has one,
+    ``<layer>/bias``, quantized in the parameter tree before the call
+    (calibrated from the tensor, as the weights).
+
   Products (cost model): a QuantConv/QuantDense multiplies its kernel with
   its input's site; a bare kernel (the stable block's ``K``, used as ``K x``
   and ``Kᵀ y``) is counted as a 3x3-type convolution on each activation
-  quantized in the same module.  BatchNorm, biases and residual additions
-  stay in float (BatchNorm is not folded into the kernels).
+  quantized in the same module.  BatchNorm, residual additions and (unless
+  ``biases``) biases stay in float (BatchNorm is not folded into the
+  kernels).
   """
 
   def __init__(self, model: nn.Module, variables: Any, example: np.ndarray,
-               **apply_kwargs):
+               *, biases: bool = False, **apply_kwargs):
     self.model, self.apply_kwargs = model, apply_kwargs
+    self.biases = bool(biases)
     self._discover(variables, jnp.asarray(example[:2]))
     self.index = {s.name: i for i, s in enumerate(self.sites)}
+    # bias site -> its path in variables["params"]
+    self.bias_paths = {s.name: tuple(s.name.split("/")) for s in self.sites
+                       if s.kind == "bias"}
 
   def _discover(self, variables, x):
     sites: List[Tuple[str, str, int, Tuple[int, ...]]] = []
@@ -523,6 +534,9 @@ class FlaxProgram:
                         inp.shape))
           input_sites.append(path)
         out = next_fun(*args, **kwargs)
+        if self.biases and getattr(module, "use_bias", False):
+          sites.append((f"{path}/bias", "bias", int(out.shape[-1]),
+                        (int(out.shape[-1]),)))
         wq = f"{path}/wq"
         consumed.add(wq)
         kernel = [s for s in sites if s[0] == wq][-1][3]
@@ -551,9 +565,39 @@ class FlaxProgram:
     self.products = products
     self.sites = [Site(n, k, s) for n, k, s in self._raw_sites]
 
+  def _bias_tensors(self, variables) -> Dict[str, Array]:
+    out = {}
+    for name, path in self.bias_paths.items():
+      node = variables["params"]
+      for key in path:
+        node = node[key]
+      out[name] = node
+    return out
+
+  def _with_biases(self, variables, bw: Array, f: Array):
+    """``variables`` with every bias site quantized (copies the dicts on the
+    way; the arrays of the other parameters are shared)."""
+    if not self.bias_paths:
+      return variables
+    variables = dict(variables)
+
+    def put(tree, path, value):
+      tree = dict(tree)
+      tree[path[0]] = value if len(path) == 1 else put(tree[path[0]],
+                                                       path[1:], value)
+      return tree
+
+    params = variables["params"]
+    for name, b in self._bias_tensors(variables).items():
+      i = self.index[name]
+      params = put(params, self.bias_paths[name], fixed_point(b, bw[i], f[i]))
+    variables["params"] = params
+    return variables
+
   def apply(self, variables, x, bw: Array, f: Array) -> Array:
     """Logits with every site at ``(bw[i], f[i])`` (traceable; jit it)."""
     index, inputs = self.index, self.input_sites
+    variables = self._with_biases(variables, bw, f)
 
     def icpt(next_fun, args, kwargs, context):
       module = context.module
@@ -590,6 +634,8 @@ class FlaxProgram:
 
     with nn.intercept_methods(icpt):
       self.model.apply(variables, x, **self.apply_kwargs)
+    for name, b in self._bias_tensors(variables).items():
+      found[name] = jnp.max(jnp.abs(b))
     return jnp.stack([found[s.name] for s in self.sites])
 
   def calibrate(self, variables, batches) -> None:

@@ -255,7 +255,7 @@ def test_default_data_and_cache_locations(monkeypatch, tmp_path):
 
 
 def test_unknown_names():
-  with pytest.raises(ValueError, match="known: cifar10_jpeg, "
+  with pytest.raises(ValueError, match="known: cifar10_jpeg, fashion_mnist, "
                      "imagefolder:<root>, cifar10, cifar100"):
     images.load_image_dataset("mnist")
   with pytest.raises(ValueError, match="needs a root directory"):

@@ -11,7 +11,8 @@ accuracy drop stays within ``--budget`` % points for the sequential search)
 and reports the test accuracy beside it.  Writes into ``--outdir`` (default
 ``<workdir>/ptq/<search>``): ``ptq.md`` (per-layer formats, accuracy,
 memory and multiplication cost against all-8-bit), ``formats.json`` and
-``bits.png`` (bits per layer).
+``bits.png`` (bits per layer).  ``--biases``: the conv/dense biases get
+their own formats too (as in the paper; counted in the memory).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)
   flags.DEFINE_string("which", "best", "best | final model of the run.",
                       flag_values=flag_values)
+  flags.DEFINE_bool("biases", False, "Also give every conv/dense bias its "
+                    "own format (as the paper; image classification only).",
+                    flag_values=flag_values)
 
 
 def check_float_run(config, workdir: pathlib.Path) -> None:
@@ -72,8 +76,10 @@ def check_float_run(config, workdir: pathlib.Path) -> None:
 
 
 def image_problem(config, variables, *, val_examples: int,
-                  calib_examples: int, dataset: Any = None):
-  """``(program, problem, test_fn)`` for an image-classification run."""
+                  calib_examples: int, dataset: Any = None,
+                  biases: bool = False):
+  """``(program, problem, test_fn)`` for an image-classification run
+  (``biases``: the conv/dense biases get formats too)."""
   from pdeq_jax.data import images as image_data  # pylint: disable=import-outside-toplevel
   if float(config.data.get("val_fraction", 0.0)) <= 0:
     raise ValueError(
@@ -97,7 +103,8 @@ def image_problem(config, variables, *, val_examples: int,
   calib = [b[0] for b in image_data.eval_batches(
       data.train_images[idx], data.train_labels[idx], min(batch, n_calib),
       mean=data.mean, std=data.std)]
-  program = ptq.FlaxProgram(model, variables, calib[0], train=False)
+  program = ptq.FlaxProgram(model, variables, calib[0], biases=biases,
+                            train=False)
   program.calibrate(variables, calib)
   # small batches: a rejected candidate stops after few of them
   val = list(source.eval_batches("val", min(batch, 250), val_examples))
@@ -155,7 +162,8 @@ def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
             outdir: str = "", val_examples: int = 2000,
             calib_examples: int = 512, test_examples: int = 0,
             min_bits: int = ptq.MIN_BITS, max_bits: int = ptq.MAX_BITS,
-            which: str = "best", dataset: Any = None) -> Dict[str, Any]:
+            which: str = "best", dataset: Any = None,
+            biases: bool = False) -> Dict[str, Any]:
   """The whole program (tests call it in-process)."""
   ptq.check_budget(budget)
   if search not in ptq.SEARCHES:
@@ -178,8 +186,11 @@ def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
         jnp.asarray, classify.load_source_variables(str(path), which))
     _, problem, test_fn = image_problem(
         config, variables, val_examples=val_examples,
-        calib_examples=calib_examples, dataset=dataset)
+        calib_examples=calib_examples, dataset=dataset, biases=biases)
   else:
+    if biases:
+      raise ValueError("--biases applies to image classification (conv/dense"
+                       f" biases); {path} is a {task} run")
     _, problem, test_fn = gcn_problem(config, load_gcn_params(path, which))
     val_examples, calib_examples = "all validation-node", "all training-node"
   setup_s = time.perf_counter() - start
@@ -194,7 +205,7 @@ def run_ptq(workdir: str, *, budget: float = 1.0, search: str = "sequential",
   row.update(budget=float(budget), setup_seconds=setup_s,
              val_examples=val_examples, calib_examples=calib_examples,
              workdir=str(path), model=config.model.name,
-             dataset=config.data.name)
+             dataset=config.data.name, biases=bool(biases))
   out = pathlib.Path(outdir) if outdir else path / "ptq" / search
   out.mkdir(parents=True, exist_ok=True)
   formats = ptq.formats_dict(problem.sites, result.bw, result.f)
@@ -235,7 +246,8 @@ def report(r: Dict[str, Any], formats, problem: ptq.Problem) -> str:
   text += common.markdown_table(["", "float", "PTQ", "change"], rows)
   text += "\n" + common.markdown_table(
       ["cost", "PTQ", "all 8-bit", "vs 8-bit"],
-      [["weight memory (KiB)", f"{r['memory_kib']:.2f}",
+      [["weight memory (KiB; with biases if quantized)",
+        f"{r['memory_kib']:.2f}",
         f"{r['memory_kib_8bit']:.2f}", f"{r['memory_vs_8bit']:+.1%}"],
        ["multiplication cost (BW_w·BW_a·MACs per example; GCN: graph)",
         f"{r['mult_cost']:.4g}", f"{r['mult_cost_8bit']:.4g}",
@@ -257,12 +269,14 @@ def plot_bits(formats, path: pathlib.Path, title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(formats)), 4))
   bits = [f["bw"] or ptq.FLOAT_COST_BITS for f in formats]
-  colors = ["tab:blue" if f["kind"] == "weight" else "tab:orange"
+  colors = [{"weight": "tab:blue", "bias": "tab:green"}.get(f["kind"],
+                                                            "tab:orange")
             for f in formats]
   ax.bar(range(len(formats)), bits, color=colors)
   ax.set_xticks(range(len(formats)))
   ax.set_xticklabels([f["site"] for f in formats], rotation=90, fontsize=6)
-  ax.set_ylabel("bits (blue: weights, orange: activations)")
+  ax.set_ylabel("bits (blue: weights, green: biases, orange: activations)",
+                fontsize=8)
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -280,7 +294,7 @@ def main(argv):
           outdir=FLAGS.outdir, val_examples=FLAGS.val_examples,
           calib_examples=FLAGS.calib_examples,
           test_examples=FLAGS.test_examples, min_bits=FLAGS.min_bits,
-          max_bits=FLAGS.max_bits, which=FLAGS.which)
+          max_bits=FLAGS.max_bits, which=FLAGS.which, biases=FLAGS.biases)
 
 
 if __name__ == "__main__":

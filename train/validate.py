@@ -297,8 +297,8 @@ def image(config: ml_collections.ConfigDict, prefix: str = "config",
 
 def _image_dataset(name: Any, field: str) -> None:
   from pdeq_jax.data import images  # pylint: disable=import-outside-toplevel
-  known = ("cifar10_jpeg", *images.TFDS_NAMES, "imagenet2012",
-           "imagenet2012_subset")
+  known = ("cifar10_jpeg", "fashion_mnist", *images.TFDS_NAMES,
+           "imagenet2012", "imagenet2012_subset")
   if isinstance(name, str) and name.startswith(images.IMAGEFOLDER_PREFIX):
     if not name[len(images.IMAGEFOLDER_PREFIX):]:
       raise ConfigError("imagefolder: needs a root directory", field, name,

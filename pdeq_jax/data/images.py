@@ -1,4 +1,5 @@
-"""Image classification data (CIFAR-10/100, ImageFolder trees) as numpy arrays.
+"""Image classification data (CIFAR-10/100, Fashion-MNIST, ImageFolder trees)
+as numpy arrays.
 
 :func:`load_image_dataset` returns an :class:`ImageDataset`: uint8 NHWC
 train / validation / test images, int32 labels, the class names and the
@@ -29,6 +30,19 @@ Datasets (the ``name`` argument of :func:`load_image_dataset`):
   small files cost more to write than to decode) in a process pool and stores
   uint8 ``.npy`` files in the cache; later loads read those (well under 2 s
   for the whole of CIFAR-10, memory-mapped so small subsets are faster still).
+* ``"fashion_mnist"`` -- Fashion-MNIST (Zalando; 60k training and 10k test
+  grayscale 28x28x1 images, 10 classes) from its four IDX files
+  ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (each gzipped, ``.gz``,
+  or not).  Offline provenance: Debian's package ``dataset-fashion-mnist``
+  (version ``0.0~git20200523.55506a9-1``, ``apt-get install -y
+  dataset-fashion-mnist``) installs them, gzipped, in
+  ``/usr/share/datasets/fashion-mnist``.  Looked for in ``<d>/fashion-mnist``
+  and ``<d>`` for each of the :func:`candidate_dirs`, then in that Debian
+  directory; a missing file raises ``FileNotFoundError`` naming every path
+  tried and the apt command.  Read by :func:`read_idx` on every load (about
+  a second; no cache entry).  Class names are the dataset's own.
+  Augmentation (crop/flip) is the trainer's choice:
+  ``configs/fashion_mnist.py`` turns it off.
 * ``"imagefolder:<root>"`` -- any tree ``<root>/{train,test}/<class>/*.png``
   (or ``.jpg`` / ``.jpeg``); class names are the sorted sub-directory names and
   must be the same in both splits; all images must have the same size (they
@@ -90,7 +104,20 @@ SIBLING_DATA_DIR = (pathlib.Path(__file__).resolve().parents[3] / "shared" /
 CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.xz"
 CIFAR10_JPEG_DIR = "cifar10-jpeg"
 TFDS_NAMES = ("cifar10", "cifar100")
-KNOWN_NAMES = ("cifar10_jpeg", "imagefolder:<root>") + TFDS_NAMES
+FASHION_MNIST_DIR = "fashion-mnist"
+# Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
+FASHION_MNIST_SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+KNOWN_NAMES = ("cifar10_jpeg", "fashion_mnist",
+               "imagefolder:<root>") + TFDS_NAMES
 IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "test")
@@ -113,8 +140,8 @@ class ImageDataset:
   """An image classification dataset held in memory.
 
   Attributes:
-    train_images, val_images, test_images: uint8 [N, H, W, C] (C is 3 for the
-      loaders here).
+    train_images, val_images, test_images: uint8 [N, H, W, C] (C is 1 for
+      fashion_mnist, 3 for the other loaders).
     train_labels, val_labels, test_labels: int32 [N] class ids.
     class_names: the class names; label ``k`` is ``class_names[k]``.
     mean: float32 [C], per-channel mean of ``train_images / 255``.
@@ -1169,6 +1196,117 @@ def _load_cifar10_jpeg(data_dir: Optional[PathLike],
 
 
 # --------------------------------------------------------------------------
+# IDX files (Fashion-MNIST)
+# --------------------------------------------------------------------------
+
+# IDX type byte -> big-endian numpy dtype (the format's six element types).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4",
+               0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+  """Reads one IDX file (the MNIST format), gzipped or not.
+
+  Layout: two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16,
+  0x0C int32, 0x0D float32, 0x0E float64), the number of dimensions ``d``,
+  ``d`` big-endian uint32 sizes, then the elements in C order, big-endian.
+  A file is taken as gzip when it starts with the gzip magic ``1f 8b``.
+
+  Returns:
+    The array in native byte order (uint8 for the image and label files).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a bad magic number, an unknown type byte, or a size that
+      does not match the header (the message names the file).
+  """
+  import gzip  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  if data[:2] == b"\x1f\x8b":
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise ValueError(f"IDX file {path}: corrupt gzip stream "
+                       f"({type(e).__name__}: {e})") from e
+  if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+    raise ValueError(
+        f"IDX file {path}: bad magic number {data[:4].hex() or '(empty)'} "
+        f"(expected 0000 then a type byte in "
+        f"{{{', '.join(f'{t:02x}' for t in _IDX_DTYPES)}}} and the number "
+        f"of dimensions)")
+  dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise ValueError(f"IDX file {path}: header of {ndim} dimensions "
+                     f"truncated ({len(data)} bytes)")
+  shape = tuple(int(v) for v in np.frombuffer(data, ">u4", ndim, 4))
+  expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if len(data) != expected:
+    raise ValueError(f"IDX file {path}: {len(data)} bytes, expected "
+                     f"{expected} for shape {shape} of {dtype.name}")
+  out = np.frombuffer(data, dtype, offset=header).reshape(shape)
+  return out.astype(dtype.newbyteorder("="))
+
+
+def fashion_mnist_dirs(data_dir: Optional[PathLike] = None
+                       ) -> List[pathlib.Path]:
+  """The directories searched for the Fashion-MNIST IDX files, in order:
+  ``<d>/fashion-mnist`` and ``<d>`` for each of :func:`candidate_dirs`,
+  then Debian's ``/usr/share/datasets/fashion-mnist``."""
+  dirs = []
+  for d in candidate_dirs(data_dir):
+    dirs += [d / FASHION_MNIST_DIR, d]
+  return dirs + [FASHION_MNIST_SYSTEM_DIR]
+
+
+def _locate_fashion_mnist(data_dir: Optional[PathLike]
+                          ) -> Dict[str, pathlib.Path]:
+  """The four IDX files, all from the first directory that has all four
+  (each ``.gz`` or plain)."""
+  tried = []
+  for d in fashion_mnist_dirs(data_dir):
+    found = {}
+    for key, stem in FASHION_MNIST_FILES.items():
+      for name in (stem + ".gz", stem):
+        tried.append(d / name)
+        if (d / name).is_file():
+          found[key] = d / name
+          break
+    if len(found) == len(FASHION_MNIST_FILES):
+      return found
+  raise FileNotFoundError(
+      "fashion_mnist IDX files not found (need all four of "
+      f"{', '.join(FASHION_MNIST_FILES.values())}, each .gz or plain, in one "
+      "directory). Tried:\n" + "\n".join(f"  {p}" for p in tried)
+      + f"\nTo fix: `{FASHION_MNIST_APT}` (Debian/Ubuntu; installs them in "
+      f"{FASHION_MNIST_SYSTEM_DIR}), or put the files in <dir>/"
+      f"{FASHION_MNIST_DIR} and pass data_dir=<dir> or set ${ENV_VAR}=<dir>.")
+
+
+def _load_fashion_mnist(data_dir: Optional[PathLike]) -> _Raw:
+  files = _locate_fashion_mnist(data_dir)
+  arrays = {key: read_idx(path) for key, path in files.items()}
+  out = []
+  for split in SPLITS:
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    where = f"{files[f'{split}_images']}, {files[f'{split}_labels']}"
+    if images.dtype != np.uint8 or images.ndim != 3:
+      raise ValueError(f"fashion_mnist {split} images must be uint8 [N, H, "
+                       f"W], got {images.dtype} {images.shape} ({where})")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+      raise ValueError(f"fashion_mnist {split}: {labels.shape} labels for "
+                       f"{images.shape[0]} images ({where})")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+      raise ValueError(f"fashion_mnist {split}: label {int(labels.max())} "
+                       f"outside [0, {len(FASHION_MNIST_CLASSES)}) ({where})")
+    images = np.ascontiguousarray(images[..., None])  # grayscale: C = 1
+    out += [images, labels.astype(np.int32), _pixel_sums(images)]
+  return _Raw(*out, class_names=FASHION_MNIST_CLASSES)
+
+
+# --------------------------------------------------------------------------
 # tensorflow-datasets
 # --------------------------------------------------------------------------
 
@@ -1223,11 +1361,12 @@ def load_image_dataset(name: str, data_dir: Optional[PathLike] = None, *,
   """Loads an image classification dataset with a stratified validation split.
 
   Args:
-    name: ``"cifar10_jpeg"``, ``"imagefolder:<root>"``, ``"cifar10"`` or
-      ``"cifar100"`` (see the module docstring).
+    name: ``"cifar10_jpeg"``, ``"fashion_mnist"``, ``"imagefolder:<root>"``,
+      ``"cifar10"`` or ``"cifar100"`` (see the module docstring).
     data_dir: where ``cifar10_jpeg`` is looked for (see
-      :func:`candidate_dirs`); the tfds data directory for the tfds names;
-      unused for ``imagefolder:``.
+      :func:`candidate_dirs`; ``fashion_mnist``: :func:`fashion_mnist_dirs`);
+      the tfds data directory for the tfds names; unused for
+      ``imagefolder:``.
     val_fraction: fraction in [0, 1) of each class of the training set held
       out for validation (0: empty validation arrays).
     split_seed: seeds the validation split and the subsets.
@@ -1248,8 +1387,8 @@ def load_image_dataset(name: str, data_dir: Optional[PathLike] = None, *,
     ValueError: unknown name or invalid argument, malformed image folder
       (different classes in train and test, images of different sizes,
       undecodable files).
-    FileNotFoundError: the cifar10_jpeg data or the image folder is missing
-      (the message names every path tried).
+    FileNotFoundError: the cifar10_jpeg or fashion_mnist data or the image
+      folder is missing (the message names every path tried).
     RuntimeError: tensorflow-datasets cannot load a tfds dataset (offline).
   """
   if not isinstance(name, str) or not name:
@@ -1275,6 +1414,8 @@ def load_image_dataset(name: str, data_dir: Optional[PathLike] = None, *,
     key = name.lower().replace("-", "_")
     if key == "cifar10_jpeg":
       raw = _load_cifar10_jpeg(data_dir, cache)
+    elif key == "fashion_mnist":
+      raw = _load_fashion_mnist(data_dir)
     elif key in TFDS_NAMES:
       raw = _load_tfds(key, data_dir)
     else:

@@ -43,6 +43,9 @@ _REGISTRY: Dict[str, Tuple[str, str, dict]] = {
     # ImageNet ResNet-50 (Bottleneck v1.5) and DeepLabV3 (Sec. 5.2).
     "resnet50": ("pdeq_jax.models.resnet50", "BottleneckResNet", {}),
     "deeplabv3_resnet50": ("pdeq_jax.models.deeplabv3", "DeepLabV3", {}),
+    # The small sequential CNN of the embedded-inference PTQ paper (Fashion-
+    # MNIST, configs/fashion_mnist.py).
+    "small_cnn": ("pdeq_jax.models.small_cnn", "SmallCNN", {}),
 }
 
 

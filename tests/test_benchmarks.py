@@ -127,3 +127,21 @@ def test_gcn_torch_hash_mask_equals_the_jax_mask():
       got = gcn_throughput.torch_hash_keep_mask(torch, seed, (37, 5),
                                                 keep).numpy()
       np.testing.assert_array_equal(got, want)
+
+
+def test_gcn_commits_runs():
+  """benchmarks/gcn_commits.py times the committed trainer from an export."""
+  if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT,
+                    capture_output=True).returncode != 0:
+    pytest.skip("not a git checkout")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/gcn_commits.py", "--commits", "HEAD",
+       "--depth", "2", "--rounds", "1", "--epochs", "1"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = next(line for line in proc.stdout.splitlines()
+             if line.startswith("| HEAD |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert float(cells[1]) > 0 and float(cells[2]) > 0
+  assert cells[3] == "1.000x"
+  assert "cora,sym,4w4a, depth 2, 1 interleaved rounds" in proc.stdout

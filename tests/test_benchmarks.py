@@ -177,3 +177,21 @@ def test_gcn_commits_runs():
   assert float(cells[1]) > 0 and float(cells[2]) > 0
   assert cells[3] == "1.000x"
   assert "cora,sym,4w4a, depth 2, 1 interleaved rounds" in proc.stdout
+
+
+def test_step_variants_runs():
+  """benchmarks/step_variants.py: the malloc setting changes no value."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/step_variants.py", "--model",
+       "stable_resnet8", "--batch", "4", "--rounds", "2", "--steps", "1"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {line.split("|")[1].strip(): [c.strip() for c in
+                                       line.strip("|").split("|")]
+          for line in proc.stdout.splitlines()
+          if line.startswith(("| off |", "| keep |"))}
+  assert set(rows) == {"off", "keep"}
+  assert rows["off"][5] == "1.000"
+  assert rows["off"][7:] == rows["keep"][7:]  # same loss and checksum
+  assert '"kept_host_memory": false' in proc.stdout
+  assert '"kept_host_memory": true' in proc.stdout

@@ -1,7 +1,7 @@
 """One CNN training step in several process variants, timed side by side.
 
     python benchmarks/step_variants.py --model resnet20 --precision fp \
-        --variants 'off|{"PDEQ_JAX_KEEP_HOST_MEMORY": "0"}|{}' 'keep|{}|{}' \
+        --variants 'off|{}|{}' 'keep|{"PDEQ_JAX_KEEP_HOST_MEMORY": "1"}|{}' \
         'vw512|{}|{"xla_cpu_prefer_vector_width": 512}'
 
 A variant is ``name|environment (JSON)|extra compiler options (JSON)``.
@@ -9,10 +9,11 @@ Each runs in its own worker process (environment variables such as glibc's
 ``MALLOC_*`` only act at process start) that compiles the step of
 ``train_throughput.py`` as the trainers compile it (``xla_options``
 preset plus the variant's options; ``xla_options.keep_freed_host_memory()``
-first, as ``train.main`` does, unless the environment turns it off), runs
+first, as ``train.main`` does: it acts if the environment says so), runs
 2 warm-up steps, then ``--steps`` steps whenever the driver asks, in rounds
 alternating the order.  Printed per variant: median wall ms, user and
-system CPU-seconds and minor page faults per step, the medians of the
+system CPU-seconds and minor page faults per step, the resident set after
+the last round, the medians of the
 per-round wall and CPU ratios to the first variant, and the last loss and
 a parameter checksum (equal values = the variant computes the same
 numbers).  The load average is printed at the start and at the end.
@@ -76,7 +77,13 @@ def worker(model_name: str, precision: str, batch: int, extra: str) -> None:
         "wall": wall / n, "user": (r1.ru_utime - r0.ru_utime) / n,
         "sys": (r1.ru_stime - r0.ru_stime) / n,
         "minflt": (r1.ru_minflt - r0.ru_minflt) / n,
-        "loss": float(st["loss"]), "checksum": checksum}), flush=True)
+        "loss": float(st["loss"]), "checksum": checksum,
+        "rss_MiB": _rss_mib()}), flush=True)
+
+
+def _rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS"))
 
 
 def _reply(proc, name: str) -> str:
@@ -95,8 +102,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--variants", nargs="+",
-                      default=['off|{"PDEQ_JAX_KEEP_HOST_MEMORY": "0"}|{}',
-                               "keep|{}|{}"])
+                      default=["off|{}|{}",
+                               'keep|{"PDEQ_JAX_KEEP_HOST_MEMORY": "1"}|{}'])
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -139,8 +146,9 @@ def main():
         f"interleaved rounds x {args.steps} steps; load average "
         f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end\n")
   print(f"| variant | wall ms | user CPU-s | system CPU-s | minor faults | "
-        f"CPU / {names[0]} | wall / {names[0]} | last loss | checksum |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        f"RSS MiB at the end | CPU / {names[0]} | wall / {names[0]} | "
+        f"last loss | checksum |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   base = results[names[0]]
   cpu = lambda d: d["user"] + d["sys"]
   for n in names:
@@ -148,6 +156,7 @@ def main():
     med = lambda k, res=res: statistics.median(d[k] for d in res)
     print(f"| {n} | {med('wall') * 1e3:.0f} | {med('user'):.3f} | "
           f"{med('sys'):.3f} | {med('minflt'):.0f} | "
+          f"{res[-1]['rss_MiB']:.0f} | "
           f"{statistics.median(cpu(a) / cpu(b) for a, b in zip(res, base)):.3f} | "
           f"{statistics.median(a['wall'] / b['wall'] for a, b in zip(res, base)):.3f} | "
           f"{res[-1]['loss']:.7f} | {res[-1]['checksum']:.6f} |")

@@ -121,21 +121,23 @@ def keep_freed_host_memory() -> bool:
   blocks), no ``mmap`` for large blocks (``M_MMAP_MAX=0``) and no trimming
   of the heap top (``M_TRIM_THRESHOLD`` 2 GiB - 1, ``M_TOP_PAD=0``): the
   block stays in the heap and the next step reuses it.  Values are
-  unchanged; freed memory is kept by the process instead of returned to
-  the system (the peak is the same).  Measured in
-  ``results/benchmarks/fp_profile.md``.
+  unchanged.  The cost is memory: freed memory stays with the process, and
+  the heap fragments during the first steps until the block fits, so the
+  resident set settles higher (ResNet-20 batch 128: fp 1409 MiB after 3
+  steps instead of ~800, 4W4A 2094 MiB after 5 steps instead of ~1000).
+  Hence opt-in: it acts only when ``PDEQ_JAX_KEEP_HOST_MEMORY=1``.
+  Measured in ``results/benchmarks/fp_profile.md`` (CPU time per step
+  0.84-0.87x for fp ResNets).
 
-  Call it before the first JAX computation (the trainers' ``train.main``
-  does).  Only glibc (Linux); harmless off CPU, where the host holds only
-  small buffers; set
-  ``PDEQ_JAX_KEEP_HOST_MEMORY=0`` to leave malloc alone.
+  Call it before the first JAX computation (``train.main`` does, so the
+  variable switches it on for every trainer).  Only glibc (Linux).
 
   Returns:
     Whether the settings were applied.
   """
   # No backend query here: initialising the backend starts the executor
   # threads, whose own arenas would then be kept.
-  if (os.environ.get(KEEP_MEMORY_ENV, "1") == "0"
+  if (os.environ.get(KEEP_MEMORY_ENV, "0") != "1"
       or not sys.platform.startswith("linux")):
     return False
   name = ctypes.util.find_library("c")

@@ -191,7 +191,7 @@ def test_step_variants_runs():
           for line in proc.stdout.splitlines()
           if line.startswith(("| off |", "| keep |"))}
   assert set(rows) == {"off", "keep"}
-  assert rows["off"][5] == "1.000"
-  assert rows["off"][7:] == rows["keep"][7:]  # same loss and checksum
+  assert rows["off"][6] == "1.000"
+  assert rows["off"][8:] == rows["keep"][8:]  # same loss and checksum
   assert '"kept_host_memory": false' in proc.stdout
   assert '"kept_host_memory": true' in proc.stdout

@@ -37,8 +37,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv):
-  # before any JAX computation: the step's freed buffers are reused, not
-  # unmapped and faulted in again every step (PDEQ_JAX_KEEP_HOST_MEMORY=0: off)
+  # before any JAX computation; only with PDEQ_JAX_KEEP_HOST_MEMORY=1: the
+  # step's freed buffers are reused, not unmapped and faulted in every step
   xla_options.keep_freed_host_memory()
   common.quiet_absl_logging()
   if len(argv) > 1:

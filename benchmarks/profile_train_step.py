@@ -81,9 +81,9 @@ def categories(hlo_text: str, batch: int) -> Dict[str, str]:
   """Top-level instruction name -> what it computes in a training step.
 
   Convolutions: weight gradient (kernel-shaped output: dimension 0 is not
-  ``batch``), input gradient (``transpose(`` in the op name) or forward.  Copies: transposed
-  activations for the weight gradients (batch moved to the minor
-  dimension), other transposes (output gradients, kernels).  YNNPACK
+  ``batch``), input gradient (``transpose(`` in the op name) or forward.
+  Copies: transposed activations for the weight gradients (batch moved to
+  the minor dimension), other transposes (output gradients, kernels).  YNNPACK
   fusions: the BatchNorm reductions.  Other fusions: elementwise forward
   (BatchNorm, ReLU, residual add) or backward.
   """

@@ -154,11 +154,12 @@ def main():
   for n in names:
     res = results[n]
     med = lambda k, res=res: statistics.median(d[k] for d in res)
+    cpu_ratio = statistics.median(cpu(a) / cpu(b) for a, b in zip(res, base))
+    wall_ratio = statistics.median(a["wall"] / b["wall"]
+                                   for a, b in zip(res, base))
     print(f"| {n} | {med('wall') * 1e3:.0f} | {med('user'):.3f} | "
           f"{med('sys'):.3f} | {med('minflt'):.0f} | "
-          f"{res[-1]['rss_MiB']:.0f} | "
-          f"{statistics.median(cpu(a) / cpu(b) for a, b in zip(res, base)):.3f} | "
-          f"{statistics.median(a['wall'] / b['wall'] for a, b in zip(res, base)):.3f} | "
+          f"{res[-1]['rss_MiB']:.0f} | {cpu_ratio:.3f} | {wall_ratio:.3f} | "
           f"{res[-1]['loss']:.7f} | {res[-1]['checksum']:.6f} |")
 
 

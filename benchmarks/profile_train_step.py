@@ -1,7 +1,7 @@
 """Where a CNN training step spends its time on XLA:CPU (profiler tables).
 
     python benchmarks/profile_train_step.py [--model resnet56] \
-        [--precision float] [--batch 128] [--xla_defaults]
+        [--precision float] [--batch 128] [--xla_defaults] [--categories]
 
 Compiles the training step of ``benchmarks/train_throughput.py`` (forward,
 backward, SGD), times it, then records ``--steps`` steps with
@@ -15,6 +15,11 @@ Caveat: thunks that hand work to another thread pool (Eigen convolutions)
 appear with their dispatch time only, so the tables show YNNPACK
 convolutions but not Eigen ones; compare step times (first line) for those.
 The numbers are per step and summed over the executor's threads.
+``--categories`` also sums the thunks by what they compute (convolution
+forward / input gradient / weight gradient, the transposed copies the
+weight gradients read, BatchNorm reductions, elementwise forward and
+backward) and times each of the step's convolutions alone, which counts the
+Eigen work the trace misses.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Dict
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,6 +61,97 @@ def thunk_times(trace_dir: str, steps: int) -> Dict[str, float]:
         if event.name != "ThunkExecutor::Execute":
           totals[event.name] += event.duration_ns / 1e6 / steps
   return totals
+
+
+def step_wall_ms(trace_dir: str, steps: int) -> float:
+  """ms per step that the client waited for the executable to complete."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
+                    recursive=True)
+  data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+  total = 0.0
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name == "ThunkExecutor::Execute (wait for completion)":
+          total += event.duration_ns / 1e6
+  return total / steps
+
+
+def categories(hlo_text: str, batch: int) -> Dict[str, str]:
+  """Top-level instruction name -> what it computes in a training step.
+
+  Convolutions: weight gradient (kernel-shaped output: dimension 0 is not
+  ``batch``), input gradient (``transpose(`` in the op name) or forward.
+  Copies: transposed activations for the weight gradients (batch moved to
+  the minor dimension), other transposes (output gradients, kernels).  YNNPACK
+  fusions: the BatchNorm reductions.  Other fusions: elementwise forward
+  (BatchNorm, ReLU, residual add) or backward.
+  """
+  out = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* "
+                       r"([\w\-]+)\((.*)$", hlo_text, re.M):
+    name, _, dims, opcode, rest = m.groups()
+    dims = [int(d) for d in dims.split(",") if d]
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    backward = op_name is not None and "transpose(" in op_name.group(1)
+    if opcode == "convolution":  # weight gradients carry no op name
+      if dims and dims[0] != batch:
+        out[name] = "conv weight gradient"
+      else:
+        out[name] = "conv input gradient" if backward else "conv forward"
+    elif name.startswith(("transpose_copy_fusion", "copy")):
+      out[name] = ("transposed activations (batch minor)"
+                   if len(dims) == 4 and dims[-1] == batch
+                   else "other copies / transposes")
+    elif name.startswith("ynn_fusion"):
+      out[name] = "BatchNorm reductions (YNNPACK)"
+    elif opcode == "fusion":
+      out[name] = ("elementwise backward" if backward
+                   else "elementwise forward")
+  return out
+
+
+def standalone_conv_ms(hlo_text: str, batch: int, options, repeats: int = 5
+                       ) -> Dict[str, List[float]]:
+  """Each convolution of the step compiled and timed alone (best of
+  ``repeats`` x 3 calls): category -> ms list.  Eigen convolutions run on
+  the intra-op pool, outside their thunk's trace event, so the trace alone
+  under-counts them (the weight gradients most)."""
+  shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
+            for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]",
+                                 hlo_text, re.M)}
+  cats = categories(hlo_text, batch)
+  out: Dict[str, List[float]] = collections.defaultdict(list)
+  cache: Dict[str, float] = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[[\d,]*\]\S* "
+                       r"convolution\(%([\w.\-]+), %([\w.\-]+)\), "
+                       r"window=\{([^}]*)\}, dim_labels=b01f_01io->b01f",
+                       hlo_text, re.M):
+    name, lhs, rhs, window = m.groups()
+    key = f"{shapes[lhs]} {shapes[rhs]} {window}"
+    if key not in cache:
+      w = dict(kv.split("=") for kv in window.split())
+      pair = lambda k, d: tuple(int(v) for v in w.get(k, d).split("x"))
+      pads = [tuple(int(v) for v in p.split("_"))
+              for p in w.get("pad", "0_0x0_0").split("x")]
+      conv = lambda a, b, w=w, pads=pads, pair=pair: \
+          jax.lax.conv_general_dilated(
+              a, b, pair("stride", "1x1"), pads, pair("lhs_dilate", "1x1"),
+              pair("rhs_dilate", "1x1"), ("NHWC", "HWIO", "NHWC"))
+      a = jnp.ones(shapes[lhs], jnp.float32)
+      b = jnp.ones(shapes[rhs], jnp.float32)
+      f = jax.jit(conv, compiler_options=options)
+      f(a, b).block_until_ready()
+      best = float("inf")
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(3):
+          y = f(a, b)
+        y.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / 3 * 1e3)
+      cache[key] = best
+    out[cats.get(name, "conv ?")].append(cache[key])
+  return out
 
 
 def ynn_operations(hlo_text: str) -> Dict[str, str]:
@@ -92,6 +188,10 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--top", type=int, default=15)
+  parser.add_argument("--categories", action="store_true",
+                      help="also sum the thunks by what they compute (conv "
+                      "forward / input / weight gradient, transposes, BN, "
+                      "elementwise)")
   parser.add_argument("--xla_defaults", action="store_true",
                       help="compile without pdeq_jax.xla_options")
   args = parser.parse_args(argv)
@@ -134,6 +234,38 @@ def main(argv=None):
   print(common.markdown_table(
       ["thunk kind", "ms / step", "distinct thunks"],
       [[k, f"{v:.1f}", counts[k]] for k, v in kinds.most_common(args.top)]))
+
+  if args.categories:
+    hlo = compiled.as_text()
+    cats = categories(hlo, args.batch)
+    per_cat: Dict[str, float] = collections.Counter()
+    per_cat_count: Dict[str, int] = collections.Counter()
+    for name, ms in times.items():
+      if name.startswith("end: "):
+        continue
+      cat = cats.get(name, "other")
+      per_cat[cat] += ms
+      per_cat_count[cat] += 1
+    wall = step_wall_ms(trace_dir, args.steps)
+    total = sum(per_cat.values())
+    rows = [[c, f"{v:.1f}", per_cat_count[c], f"{100 * v / total:.0f}%"]
+            for c, v in per_cat.most_common()]
+    rows.append(["all thunks (summed over threads)", f"{total:.1f}", "",
+                 "100%"])
+    rows.append([f"step wall time x {os.cpu_count()} CPUs",
+                 f"{wall * (os.cpu_count() or 1):.1f}", "", ""])
+    print("\nThunks by what they compute (ms / step, summed over the "
+          "executor's threads):\n")
+    print(common.markdown_table(["category", "ms / step", "thunks", "share"],
+                                rows))
+    conv = standalone_conv_ms(hlo, args.batch, options)
+    print("\nThe step's convolutions timed alone (wall ms, 2 threads):\n")
+    print(common.markdown_table(
+        ["convolutions", "count", "ms each (min-max)", "ms / step"],
+        [[c, len(v), f"{min(v):.2f}-{max(v):.2f}", f"{sum(v):.1f}"]
+         for c, v in sorted(conv.items())] +
+        [["all", sum(len(v) for v in conv.values()), "",
+          f"{sum(sum(v) for v in conv.values()):.1f}"]]))
 
   operations = ynn_operations(compiled.as_text())
   if operations:

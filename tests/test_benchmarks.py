@@ -72,6 +72,38 @@ def test_profile_parses_ynn_fusions():
                                  "f32[8,8,2,3] -> f32[4,3,3,3]"}
 
 
+def test_profile_categories():
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import profile_train_step  # pylint: disable=import-outside-toplevel
+  hlo = "\n".join([
+      '  %conv_general_dilated.1 = f32[8,4,4,2]{3,2,1,0} convolution(%a, %b), '
+      'window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, '
+      'metadata={op_name="jit(step)/jvp(ResNet)/conv"}',
+      '  %conv_general_dilated.2 = f32[8,4,4,2]{3,2,1,0} convolution(%c, %d), '
+      'window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, '
+      'metadata={op_name="jit(step)/transpose(jvp(ResNet))/conv"}',
+      '  %convolution.3 = f32[2,3,3,2]{3,2,1,0} convolution(%e, %f), '
+      'window={size=4x4 pad=1_1x1_1}, dim_labels=b01f_01io->b01f',
+      '  %transpose_copy_fusion.4 = f32[2,4,4,8]{3,2,1,0} fusion(%g), '
+      'kind=kLoop, calls=%fused_computation.1',
+      '  %transpose_copy_fusion.5 = f32[4,4,8,2]{3,2,1,0} fusion(%h), '
+      'kind=kLoop, calls=%fused_computation.2',
+      '  %ynn_fusion.6 = f32[2]{0} fusion(%i), kind=kCustom, calls=%r',
+      '  %add_maximum_fusion.7 = f32[8,4,4,2]{3,2,1,0} fusion(%j), '
+      'kind=kLoop, calls=%s, metadata={op_name="jit(step)/jvp(ResNet)/add"}',
+      '  %select_fusion.8 = f32[8,4,4,2]{3,2,1,0} fusion(%k), kind=kLoop, '
+      'calls=%t, metadata={op_name="jit(step)/transpose(jvp(ResNet))/x"}'])
+  assert profile_train_step.categories(hlo, batch=8) == {
+      "conv_general_dilated.1": "conv forward",
+      "conv_general_dilated.2": "conv input gradient",
+      "convolution.3": "conv weight gradient",
+      "transpose_copy_fusion.4": "transposed activations (batch minor)",
+      "transpose_copy_fusion.5": "other copies / transposes",
+      "ynn_fusion.6": "BatchNorm reductions (YNNPACK)",
+      "add_maximum_fusion.7": "elementwise forward",
+      "select_fusion.8": "elementwise backward"}
+
+
 def test_xla_cpu_limits_runs(tmp_path):
   out = tmp_path / "limits.md"
   proc = subprocess.run(
@@ -127,3 +159,39 @@ def test_gcn_torch_hash_mask_equals_the_jax_mask():
       got = gcn_throughput.torch_hash_keep_mask(torch, seed, (37, 5),
                                                 keep).numpy()
       np.testing.assert_array_equal(got, want)
+
+
+def test_gcn_commits_runs():
+  """benchmarks/gcn_commits.py times the committed trainer from an export."""
+  if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT,
+                    capture_output=True).returncode != 0:
+    pytest.skip("not a git checkout")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/gcn_commits.py", "--commits", "HEAD",
+       "--depth", "2", "--rounds", "1", "--epochs", "1"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = next(line for line in proc.stdout.splitlines()
+             if line.startswith("| HEAD |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert float(cells[1]) > 0 and float(cells[2]) > 0
+  assert cells[3] == "1.000x"
+  assert "cora,sym,4w4a, depth 2, 1 interleaved rounds" in proc.stdout
+
+
+def test_step_variants_runs():
+  """benchmarks/step_variants.py: the malloc setting changes no value."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/step_variants.py", "--model",
+       "stable_resnet8", "--batch", "4", "--rounds", "2", "--steps", "1"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {line.split("|")[1].strip(): [c.strip() for c in
+                                       line.strip("|").split("|")]
+          for line in proc.stdout.splitlines()
+          if line.startswith(("| off |", "| keep |"))}
+  assert set(rows) == {"off", "keep"}
+  assert rows["off"][6] == "1.000"
+  assert rows["off"][8:] == rows["keep"][8:]  # same loss and checksum
+  assert '"kept_host_memory": false' in proc.stdout
+  assert '"kept_host_memory": true' in proc.stdout

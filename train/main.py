@@ -17,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pdeq_jax import xla_options
 from train import cli
 from train import common
 from train import tasks
@@ -36,6 +37,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv):
+  # before any JAX computation; only with PDEQ_JAX_KEEP_HOST_MEMORY=1: the
+  # step's freed buffers are reused, not unmapped and faulted in every step
+  xla_options.keep_freed_host_memory()
   common.quiet_absl_logging()
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")

@@ -249,7 +249,7 @@ def test_accumulator_bound_at_least_observed(converted):
   del by_name
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 14, 22])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 14, 22, 24])
 def test_pack_round_trip(bits):
   rng = np.random.default_rng(bits)
   q = 2 ** (bits - 1) - 1
@@ -276,6 +276,44 @@ def test_compact_checkpoint_round_trip(converted, tmp_path):
   with pytest.raises(ValueError, match="not a pdeq_jax compact"):
     (tmp_path / "bad").write_bytes(b"nonsense")
     pack.load(tmp_path / "bad")
+
+
+def test_wide_constants_have_int32_mantissas(converted):
+  _, _, program = converted
+  count = 0
+  for op in program["ops"]:
+    for part in op.get("parts", []):
+      for arr in [t["m"] for t in part["terms"]] + [part["bias"]]:
+        assert op["wide"] and arr.dtype == np.int64
+        for v in arr.tolist():  # |v| = mant 2^e with |mant| < 2^31
+          mant = abs(v) >> ((abs(v) & -abs(v)).bit_length() - 1) if v else 0
+          assert mant < 2 ** prog.MANTISSA_BITS
+          count += 1
+  assert count > 100
+  # hand values: 2^40 + 1 keeps 31 significant bits (ties to even)
+  assert prog.fixed_point(np.array([2.0 ** 40 + 2 ** 9 + 1.0, 3.0]), 0,
+                          True).tolist() == [2 ** 40 + 2 ** 10, 3]
+  assert prog.fixed_point(np.array([2.0 ** 31 - 0.5]), 0, True).tolist() == [
+      2 ** 31]  # the mantissa's carry
+
+
+@pytest.mark.parametrize("deflate", [True, False])
+def test_compact_integer_encodings_round_trip(tmp_path, deflate):
+  big = np.array([3 * 2 ** 40, -(2 ** 31 - 1) * 2 ** 20, 5, 0], np.int64)
+  arrays = {"const": np.full((4,), 2 ** 50, np.int64),
+            "i8": np.array([-128, 127, 0], np.int64),
+            "i16": np.array([-3000, 7], np.int64),
+            "i32": np.array([2 ** 31 - 1, -2 ** 31], np.int64),
+            "mant": big, "mant_one_exp": np.array([3, -5], np.int64) << 33,
+            "i64": np.array([2 ** 62 + 1, 1], np.int64),
+            "i32_kept": np.array([1, 2], np.int32),
+            "float": np.array([0.1, -2.5], np.float32)}
+  program = {"ops": [], "weights": {}, "weight_meta": {}, "extra": arrays}
+  pack.save(program, tmp_path / "c.pdeq", deflate=deflate)
+  loaded = pack.load(tmp_path / "c.pdeq")["extra"]
+  for k, v in arrays.items():
+    assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape, k
+    np.testing.assert_array_equal(loaded[k], v)
 
 
 def test_unsupported_models_and_float_runs():

@@ -24,7 +24,10 @@ only for the stem's wide accumulator, keeping ``TERM_BITS`` of it)
 
 with ``m_k = round(c_k 2^F)`` and ``b = round(d 2^F)`` the float
 coefficients of the folded conv/BN/residual in units of the output grid's
-step.  Rounding: to nearest, ties to even (as ``jnp.round`` in the float
+step; in int64 (wide) ops both are rounded to ``MANTISSA_BITS`` = 31
+significant bits (``m = mant 2^e`` with an int32 ``mant``), a relative error
+below 2^-31, so that the compact checkpoint stores them as int32 + a small
+shift without changing a single integer the program computes.  Rounding: to nearest, ties to even (as ``jnp.round`` in the float
 model: exact ties do occur, e.g. a 2x2 average of codes).  ``F``
 is the largest shift whose worst-case ``|V|`` (from the accumulator bounds)
 fits the op's integers (int64 for every op the converter writes; the
@@ -46,6 +49,7 @@ MAX_SHIFT = 30
 MIN_SHIFT = 8  # fewer fraction bits than this: the folded layer is refused
 TERM_BITS = 16  # a wider int32 term is rounded to this many bits first
 WIDE_TERM_BITS = 30  # the same in a wide (int64) op
+MANTISSA_BITS = 31  # significant bits of a wide op's constants (int32 mant)
 
 
 def pre_shift(bound: float, term_bits: int = TERM_BITS) -> int:
@@ -77,11 +81,12 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
   float coefficient; ``multiplier``: how many ``V`` are summed before the
   shift (4 for 2x2 pooling, ``H W`` for the head's global sum).
   """
-  for shift in range(MAX_SHIFT if limit == INT32_MAX else 60, -1, -1):
-    scale = 2.0 ** shift
-    bound = float(np.max(np.abs(np.round(bias * scale)))) if bias.size else 0.0
+  wide = limit != INT32_MAX
+  for shift in range(MAX_SHIFT if not wide else 60, -1, -1):
+    fixed = lambda v: np.abs(_rounded(v, shift, wide).astype(np.float64))
+    bound = float(np.max(fixed(bias))) if bias.size else 0.0
     for t, c in zip(term_bounds, coefs):
-      bound += float(t) * float(np.max(np.abs(np.round(c * scale))))
+      bound += float(t) * float(np.max(fixed(c)))
     bound *= multiplier
     if rounding:
       s = shift + pool_shift
@@ -95,10 +100,29 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
                    "is too wide for this integer scheme")
 
 
+def _rounded(values, shift: int, wide: bool) -> np.ndarray:
+  """``round(values 2^shift)`` (float64); if ``wide``, to ``MANTISSA_BITS``
+  significant bits: ``mant 2^e`` with ``|mant| < 2^31`` (ties to even)."""
+  v = np.asarray(values, np.float64) * 2.0 ** shift
+  out = np.round(v)
+  if not wide:
+    return out
+  # e = (bit length of |round(v)|) - MANTISSA_BITS, at least 0
+  mag = np.abs(out)
+  e = np.zeros(v.shape, np.int64)
+  big = mag >= 2.0 ** MANTISSA_BITS
+  e[big] = np.floor(np.log2(mag[big])).astype(np.int64) + 1 - MANTISSA_BITS
+  mant = np.round(np.ldexp(v, -e))
+  carry = np.abs(mant) >= 2.0 ** MANTISSA_BITS  # rounded up to 2^31
+  mant = np.where(carry, mant / 2.0, mant)
+  return np.ldexp(mant, e + carry)
+
+
 def fixed_point(values: np.ndarray, shift: int, wide: bool = False
                 ) -> np.ndarray:
-  """``round(values * 2^shift)`` as int32 (int64 if ``wide``)."""
-  out = np.round(np.asarray(values, np.float64) * 2.0 ** shift)
+  """``round(values * 2^shift)`` as int32; if ``wide``: int64, rounded to
+  ``MANTISSA_BITS`` significant bits (an int32 mantissa times ``2^e``)."""
+  out = _rounded(values, shift, wide)
   if np.any(np.abs(out) > (INT64_MAX if wide else INT32_MAX)):
     raise ValueError("a requantization constant does not fit its integers")
   return out.astype(np.int64 if wide else np.int32)

@@ -107,9 +107,9 @@ def _macs(program) -> Dict[str, int]:
   for op in program["ops"]:
     if op["op"] == "conv":
       w = program["weights"][op["weight"]]
-      kh, kw = w.shape[:2]
-      cin, cout = (w.shape[3], w.shape[2]) if op["transpose"] else \
-          (w.shape[2], w.shape[3])
+      k = prog.transpose_kernel(w, op.get("groups", 1)) if op["transpose"] \
+          else w
+      kh, kw, cin, cout = k.shape  # cin: per group
       h, wd, _ = shapes[op["input"]]
       (p0, p1), (q0, q1) = prog.conv_padding(op, w)
       s = op["stride"]

@@ -96,7 +96,8 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
     if kind == "conv":
       env[op["output"]] = _conv(g, program, op, env, weight_inits, float_mode)
       codes = program["weights"][op["weight"]]
-      channels[op["output"]] = codes.shape[2 if op["transpose"] else 3]
+      channels[op["output"]] = (codes.shape[2] * op.get("groups", 1)
+                                if op["transpose"] else codes.shape[3])
     elif kind in ("requant", "head"):
       wide = bool(op.get("wide")) and not float_mode
       ints = np.float32 if float_mode else (np.int64 if wide else np.int32)
@@ -195,6 +196,12 @@ def _conv(g: _Graph, program, op, env, weight_inits, float_mode):
   pads = prog.conv_padding(op, codes)
   onnx_pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
   stride = [op["stride"]] * 2
+  groups = op.get("groups", 1)
+  if groups != 1 and float_mode:
+    k = prog.transpose_kernel(codes, groups) if op["transpose"] else codes
+    return g.op("Conv", [x, g.const(k.transpose(3, 2, 0, 1).astype(
+        np.float32), hint="w")], pads=onnx_pads, strides=stride,
+                group=groups)
   if float_mode:
     key = op["weight"] + "/float"
     if key not in weight_inits:
@@ -205,13 +212,26 @@ def _conv(g: _Graph, program, op, env, weight_inits, float_mode):
     wt = _transposed(g, weight_inits[key]) if op["transpose"] else \
         weight_inits[key]
     return g.op("Conv", [x, wt], pads=onnx_pads, strides=stride)
-  if codes.dtype != np.int8:
-    return _im2col_matmul(g, x, codes, op, pads, bool(op.get("wide")))
+  if codes.dtype != np.int8 or hi - min(lo, 0) > 255:
+    # wide codes (the stem's) or an int32 accumulator as input (the stable
+    # MobileNetV2's K_dw K_1x1): exact integer MatMul / multiply-adds
+    k = prog.transpose_kernel(codes, groups) if op["transpose"] else codes
+    if groups == 1:
+      return _im2col_matmul(g, x, k, op, pads, bool(op.get("wide")))
+    if k.shape[2] != 1:
+      raise ValueError(f"{op['output']}: a grouped conv on wide inputs is "
+                       "exported only when depthwise")
+    return _depthwise_taps(g, x, k, op, pads)
   if op["weight"] not in weight_inits:
     weight_inits[op["weight"]] = g.const(codes.transpose(3, 2, 0, 1),
                                          np.int8, hint="w")
   wt = weight_inits[op["weight"]]
-  if op["transpose"]:
+  if op["transpose"] and groups != 1:
+    if codes.shape[2] != 1 or codes.shape[3] != groups:
+      raise ValueError(f"{op['output']}: only a depthwise grouped Kᵀ is "
+                       "exported")
+    wt = _flipped(g, wt)  # depthwise: the adjoint only flips the kernel
+  elif op["transpose"]:
     wt = _transposed(g, wt)
   if lo < 0:
     xu = g.op("Cast", [g.op("Add", [x, g.const(-lo, np.int32)])],
@@ -222,12 +242,15 @@ def _conv(g: _Graph, program, op, env, weight_inits, float_mode):
       raise ValueError(f"activation codes up to {hi} do not fit uint8")
     inputs = [g.op("Cast", [x], to=tp.UINT8), wt]
   return g.op("ConvInteger", inputs, hint=op["output"], pads=onnx_pads,
-              strides=stride)
+              strides=stride, group=groups)
 
 
 def _transposed(g: _Graph, w: str) -> str:
   """OIHW of ``Kᵀ`` from K's initializer: in/out swapped, spatially flipped."""
-  t = g.op("Transpose", [w], perm=[1, 0, 2, 3])
+  return _flipped(g, g.op("Transpose", [w], perm=[1, 0, 2, 3]))
+
+
+def _flipped(g: _Graph, t: str) -> str:
   return g.op("Slice", [t, g.const([-1, -1], np.int64),
                         g.const([-2 ** 62, -2 ** 62], np.int64),
                         g.const([2, 3], np.int64), g.const([-1, -1], np.int64)])
@@ -257,6 +280,27 @@ def _im2col_matmul(g: _Graph, x, codes, op, pads, wide):
   w = g.const(codes.reshape(kh * kw * cin, cout).astype(dtype), hint="w")
   y = g.op("MatMul", [patches, w])
   return g.op("Transpose", [y], perm=[0, 3, 1, 2], hint=op["output"])
+
+
+def _depthwise_taps(g: _Graph, x, codes, op, pads):
+  """Exact int32 depthwise conv of an int32 input: one Mul + Add per tap."""
+  kh, kw, _, c = codes.shape
+  s = op["stride"]
+  xp = g.op("Pad", [x, g.const([0, 0, pads[0][0], pads[1][0], 0, 0,
+                                pads[0][1], pads[1][1]], np.int64)])
+  shape = g.op("Shape", [xp])
+  hw = g.op("Slice", [shape, g.const([2], np.int64), g.const([4], np.int64)])
+  acc = None
+  for i in range(kh):
+    for j in range(kw):
+      ends = g.op("Sub", [hw, g.const([kh - 1 - i, kw - 1 - j], np.int64)])
+      tap = g.op("Slice", [xp, g.const([i, j], np.int64), ends,
+                           g.const([2, 3], np.int64),
+                           g.const([s, s], np.int64)])
+      prod = g.op("Mul", [tap, g.const(codes[i, j, 0].reshape(1, c, 1, 1),
+                                       np.int32)])
+      acc = prod if acc is None else g.op("Add", [acc, prod])
+  return g.op("Identity", [acc], hint=op["output"])
 
 
 def save(program: Dict[str, Any], path: str, **kwargs) -> None:

@@ -130,7 +130,9 @@ def fixed_point(values: np.ndarray, shift: int, wide: bool = False
 
 def code_dtype(lo: int, hi: int):
   """The narrowest signed integer type that holds codes ``lo..hi``."""
-  return np.int8 if -128 <= lo and hi <= 127 else np.int16
+  if -128 <= lo and hi <= 127:
+    return np.int8
+  return np.int16 if -2 ** 15 <= lo and hi < 2 ** 15 else np.int32
 
 
 def conv_padding(op: Dict[str, Any], w: np.ndarray):
@@ -142,9 +144,15 @@ def conv_padding(op: Dict[str, Any], w: np.ndarray):
   return ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1))
 
 
-def transpose_kernel(w):
-  """HWIO kernel of ``Kᵀ`` (stride 1) from K's: flipped, in/out swapped."""
-  return w[::-1, ::-1].transpose(0, 1, 3, 2)
+def transpose_kernel(w, groups: int = 1):
+  """HWIO kernel of ``Kᵀ`` (stride 1) from K's: flipped, in/out swapped
+  (within each of ``groups`` groups: a depthwise kernel is only flipped)."""
+  kh, kw, ci, co = w.shape
+  w = w[::-1, ::-1]
+  if groups == 1:
+    return w.transpose(0, 1, 3, 2)
+  w = w.reshape(kh, kw, ci, groups, co // groups).transpose(0, 1, 4, 3, 2)
+  return w.reshape(kh, kw, co // groups, groups * ci)
 
 
 # ---------------------------------------------------------------------------
@@ -168,13 +176,14 @@ def _conv(program, op, env):
     dtype = jnp.dtype(np.promote_types(code_dtype(*op["input_range"]),
                                        w.dtype))
     out = jnp.int32
+  groups = op.get("groups", 1)
   kernel = jnp.asarray(w)
   if op["transpose"]:
-    kernel = transpose_kernel(kernel)
+    kernel = transpose_kernel(kernel, groups)
   return jax.lax.conv_general_dilated(
       x.astype(dtype), kernel.astype(dtype), (op["stride"],) * 2,
       conv_padding(op, w), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=out)
+      feature_group_count=groups, preferred_element_type=out)
 
 
 def _fixed_point_sum(op, env):
@@ -284,7 +293,7 @@ def accumulator_stats(program: Dict[str, Any]) -> List[Dict[str, Any]]:
       continue
     w = np.asarray(program["weights"][op["weight"]], np.int64)
     if op["transpose"]:
-      w = np.asarray(transpose_kernel(w))
+      w = np.asarray(transpose_kernel(w, op.get("groups", 1)))
     kh, kw, cin, _ = w.shape
     x_max = max(abs(v) for v in op["input_range"])
     w_max = program["weight_meta"][op["weight"]]["qmax"]

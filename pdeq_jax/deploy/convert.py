@@ -496,7 +496,7 @@ def convert(model: nn.Module, variables: Dict[str, Any], bits,
   if not (is_resnet or is_stable or is_mobile):
     raise UnsupportedModelError(
         f"no integer conversion for {type(model).__name__}; supported: ResNet,"
-        " StableResNet, MobileNetV2")
+        " StableResNet, MobileNetV2 (PDEGCN: pdeq_jax.deploy.gcn.convert)")
   _check_switches(model)
   if (is_stable or is_mobile and model.stable) and (
       model.act is not nn.relu or model.act_signed):

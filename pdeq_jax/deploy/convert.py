@@ -157,10 +157,15 @@ class _Builder:
     with coefficients in units of ``grid``'s step; ``wide``: int64."""
     step, lo, hi = grid
     coefs, bounds, bias = self._parts(parts, wide)
+    # narrow terms only (no pre-shift): bounded by 2^53, exact in float64
+    f64 = wide and all(prog.pre_shift(self.bounds[t], prog.WIDE_TERM_BITS)
+                       == 0 and self.bounds[t] < 2 ** prog.TERM_BITS
+                       for part in parts for t, _, _ in part["terms"])
+    limit = prog.F64_EXACT if f64 else (prog.INT64_MAX if wide
+                                        else prog.INT32_MAX)
     shift = prog.choose_shift(bounds, coefs, bias, multiplier=4 if pool else 1,
                               lo=lo, rounding=True,
-                              pool_shift=2 if pool else 0,
-                              limit=prog.INT64_MAX if wide else prog.INT32_MAX)
+                              pool_shift=2 if pool else 0, limit=limit)
     h, w, _ = self.shapes[parts[0]["terms"][0][0]]
     c = sum(len(p["bias"]) for p in parts)
     self.shapes[name] = (h // 2, w // 2, c) if pool else (h, w, c)
@@ -168,7 +173,7 @@ class _Builder:
     self.bounds[name] = float(max(abs(lo), abs(hi)))
     self.ops.append({"op": "requant", "output": name,
                      "parts": self._fixed(parts, shift, wide),
-                     "pool": bool(pool), "wide": wide,
+                     "pool": bool(pool), "wide": wide, "f64": bool(f64),
                      "shift": shift, "range": [lo, hi], "step": step})
     return name
 

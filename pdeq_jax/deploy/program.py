@@ -31,7 +31,12 @@ shift without changing a single integer the program computes.  Rounding: to near
 model: exact ties do occur, e.g. a 2x2 average of codes).  ``F``
 is the largest shift whose worst-case ``|V|`` (from the accumulator bounds)
 fits the op's integers (int64 for every op the converter writes; the
-executor also runs int32 ops), so no intermediate can overflow.
+executor also runs int32 ops), so no intermediate can overflow.  Ops whose
+terms are all narrow (codes and int32 accumulators, no pre-shift) are
+bounded by ``F64_EXACT`` = 2^53 instead (``"f64": True``): every
+intermediate is then an integer that float64 holds exactly, so a runtime
+may evaluate them in float64 (the ONNX graph does, with ``Round``, ties to
+even) and still get the int64 result bit for bit.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import numpy as np
 
 INT32_MAX = 2 ** 31 - 1
 INT64_MAX = 2 ** 63 - 1
+F64_EXACT = 2 ** 53  # |integers| below this are exact in float64
 MAX_SHIFT = 30
 MIN_SHIFT = 8  # fewer fraction bits than this: the folded layer is refused
 TERM_BITS = 16  # a wider int32 term is rounded to this many bits first

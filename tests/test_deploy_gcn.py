@@ -138,6 +138,20 @@ def test_gcn_bit_exact_and_agrees_with_fake_quant(symmetric, fold):
                                 np.argmax(np.asarray(fake), -1))
 
 
+def test_gcn_onnxruntime_equals_jax():
+  from pdeq_jax.deploy import onnx_export
+  model, variables, graph, features = _trained_like(True, True, seed=1)
+  program = gcn.convert(model, variables, graph, (4, 4))
+  q0 = np.asarray(gcn.input_codes(program, features))
+  onnx_model = onnx_export.export_gcn(program)
+  import onnx
+  onnx.checker.check_model(onnx_model)
+  got = onnx_export.session(onnx_model).run(None, {"q": q0})[0]
+  want = np.asarray(gcn.run(program, q0))
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+
+
 def test_gcn_errors():
   model, variables, graph, _ = _trained_like(True, True)
   float_weights = models.create("pde_gcn", num_classes=3, width=8, depth=4)

@@ -365,6 +365,88 @@ def _depthwise_taps(g: _Graph, x, codes, op, pads):
   return g.op("Identity", [acc], hint=op["output"])
 
 
+def export_gcn(program: Dict[str, Any]):
+  """The ``onnx.ModelProto`` of a PDE-GCN program (:mod:`pdeq_jax.deploy.gcn`).
+
+  Input ``q``: layer 0's odd int32 state codes [N, C] (from
+  ``gcn.input_codes``: the float opening layer is not part of the graph);
+  output: float32 logits [N, classes] before ``log_softmax``.  ``S`` as two
+  ``Gather``s, the tanh quantizer as ``GreaterOrEqual`` against the
+  thresholds, ``Sᵀ`` as ``ScatterND`` with ``reduction="add"``, int64
+  ``MatMul``s; every integer as in ``gcn.run``.
+  """
+  g = _Graph()
+  tp = g.onnx.TensorProto
+  gr = program["graph"]
+  n, levels = gr["num_nodes"], program["input"]["levels"]
+  width = program["weights"][program["layers"][0]["K"]].shape[0]
+  s_idx = g.const(np.asarray(gr["senders"], np.int64))
+  r_idx = g.const(np.asarray(gr["receivers"], np.int64))
+  s_nd = g.const(np.asarray(gr["senders"], np.int64)[:, None])
+  r_nd = g.const(np.asarray(gr["receivers"], np.int64)[:, None])
+  w = g.const(np.asarray(gr["weights"], np.int64)[:, None])
+  zeros = g.const(np.zeros((n, width), np.int64))
+  i64 = lambda v: g.const(v, np.int64)
+  q = "q"
+  logits = None
+  for op in program["layers"]:
+    k = np.asarray(program["weights"][op["K"]], np.int32)
+    a = g.op("MatMul", [q, g.const(k, np.int32)])
+    d = g.op("Sub", [g.op("Gather", [a, s_idx], axis=0),
+                     g.op("Gather", [a, r_idx], axis=0)])
+    pe = g.op("Mul", [g.op("Cast", [d], to=tp.INT64), w])
+    thr = g.const(np.asarray(op["thresholds"], np.int64))
+
+    def count(v, thr=thr):
+      ge = g.op("GreaterOrEqual", [g.op("Unsqueeze", [v, i64([2])]), thr])
+      return g.op("ReduceSum", [g.op("Cast", [ge], to=tp.INT64), i64([2])],
+                  keepdims=0)
+    if gr["fold"]:
+      e = g.op("Mul", [g.op("Sub", [count(pe), count(g.op("Neg", [pe]))]),
+                       i64(2)])
+    else:
+      e = g.op("Sub", [g.op("Mul", [count(pe), i64(2)]), i64(levels)])
+    we = g.op("Mul", [e, w])
+    y = g.op("ScatterND", [zeros, s_nd, we], reduction="add")
+    y = g.op("ScatterND", [y, r_nd, g.op("Neg", [we])], reduction="add")
+    kz = np.asarray(program["weights"][op["Z"]], np.int64)
+    z = g.op("MatMul", [y, g.const(kz.T if op["transpose"] else kz)])
+    v = g.op("Add", [g.op("Mul", [g.op("Cast", [q], to=tp.INT64),
+                                  i64(op["m_x"][0])]),
+                     g.op("Mul", [_round_shift(g, z, op["pre_shift"],
+                                               np.int64), i64(op["m_z"][0])])])
+    v = g.op("Add", [v, i64(op["bias"][0])])
+    if "head_weight" in op:
+      f = g.op("Cast", [_round_shift(g, v, op["post_shift"], np.int64)],
+               to=tp.INT32)
+      feat = g.op("Cast", [f], to=tp.FLOAT)
+      weight = np.asarray(op["head_weight"], np.float32)
+      acc = None
+      for ch in range(weight.shape[0]):
+        col = g.op("Slice", [feat, i64([ch]), i64([ch + 1]), i64([1])])
+        prod = g.op("Mul", [col, g.const(weight[ch:ch + 1], np.float32)])
+        acc = prod if acc is None else g.op("Add", [acc, prod])
+      g.nodes.append(g.onnx.helper.make_node(
+          "Add", [acc, g.const(np.zeros((1, weight.shape[1]), np.float32))],
+          ["logits"]))
+      logits = weight.shape[1]
+    else:
+      kk = _round_shift(g, v, op["shift"], np.int64)
+      kk = g.op("Min", [g.op("Max", [kk, i64(0)]), i64(op["levels"])])
+      q = g.op("Cast", [g.op("Sub", [g.op("Mul", [kk, i64(2)]),
+                                     i64(op["levels"])])], to=tp.INT32)
+  graph = g.onnx.helper.make_graph(
+      g.nodes, "pdeq_PDEGCN",
+      [g.onnx.helper.make_tensor_value_info("q", tp.INT32, [n, width])],
+      [g.onnx.helper.make_tensor_value_info("logits", tp.FLOAT, [n, logits])],
+      g.inits)
+  model = g.onnx.helper.make_model(
+      graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
+      producer_name="pdeq_jax.deploy")
+  model.ir_version = min(model.ir_version, 9)
+  return model
+
+
 def save(program: Dict[str, Any], path: str, **kwargs) -> None:
   """Writes ``export(program)`` to ``path`` (checked with onnx.checker)."""
   import onnx  # pylint: disable=import-outside-toplevel

@@ -107,9 +107,9 @@ def _macs(program) -> Dict[str, int]:
   for op in program["ops"]:
     if op["op"] == "conv":
       w = program["weights"][op["weight"]]
-      kh, kw = w.shape[:2]
-      cin, cout = (w.shape[3], w.shape[2]) if op["transpose"] else \
-          (w.shape[2], w.shape[3])
+      k = prog.transpose_kernel(w, op.get("groups", 1)) if op["transpose"] \
+          else w
+      kh, kw, cin, cout = k.shape  # cin: per group
       h, wd, _ = shapes[op["input"]]
       (p0, p1), (q0, q1) = prog.conv_padding(op, w)
       s = op["stride"]
@@ -192,6 +192,7 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
                                 data.test_images.shape[1:])
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
+  compact_packed = pack.save(program, out / "model.pdeq", deflate=False)
   compact = pack.save(program, out / "model.pdeq")
   float_bytes = pack.float_checkpoint_bytes(variables)
   if fmt == "onnx":
@@ -216,7 +217,8 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
                    run_export)
   summary = {"workdir": str(workdir), "which": note, "format": fmt,
              "bits": {"weights": bits[0], "activations": bits[1]},
-             "compact_bytes": compact, "float32_bytes": float_bytes,
+             "compact_bytes": compact, "compact_packed_bytes": compact_packed,
+             "float32_bytes": float_bytes,
              "model_file": model_file.name,
              "model_bytes": model_file.stat().st_size,
              "macs": _macs(program), **{k: v for k, v in stats.items()}}
@@ -252,8 +254,12 @@ def deploy_markdown(program, s) -> str:
                ["file", "bytes", "vs float32 variables"],
                [["float32 variables (params + BN statistics)",
                  s["float32_bytes"], "1"],
-                ["compact checkpoint `model.pdeq`", s["compact_bytes"],
+                ["compact checkpoint `model.pdeq` (deflated)",
+                 s["compact_bytes"],
                  f"1/{s['float32_bytes'] / s['compact_bytes']:.2f}"],
+                ["the same, raw packed (`deflate=False`)",
+                 s["compact_packed_bytes"],
+                 f"1/{s['float32_bytes'] / s['compact_packed_bytes']:.2f}"],
                 [f"`{s['model_file']}`", s["model_bytes"],
                  f"1/{s['float32_bytes'] / s['model_bytes']:.2f}"]]), "",
            "## MACs per image by bit width", "",

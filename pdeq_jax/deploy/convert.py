@@ -30,12 +30,14 @@ from pdeq_jax import layers
 from pdeq_jax import operators
 from pdeq_jax import quant
 from pdeq_jax.deploy import program as prog
+from pdeq_jax.models import mobilenetv2 as mobile_lib
 from pdeq_jax.models import resnet as resnet_lib
 from pdeq_jax.models import scan_blocks as scan_lib
 from pdeq_jax.models import stable_resnet as stable_lib
 
 INPUT_BITS = 22        # signed input codes, |q| < 2^21 (float32 has 24)
 STEM_WEIGHT_BITS = 22  # signed per-channel stem weight codes
+CLOSING_BITS = 22      # signed codes of MobileNetV2's closing-conv input
 BN_EPS = 1e-5          # resnet.batch_norm's epsilon
 # The stem accumulates in int64 (2^21 * 2^21 * 27 < 2^47).  Every
 # requantization multiplies its (int32) accumulators by int64 multipliers in
@@ -94,27 +96,35 @@ class _Builder:
                               "scale": np.asarray(scale, np.float64).tolist()}
 
   def conv(self, name, x, weight, *, stride=1, padding=((1, 1), (1, 1)),
-           transpose=False, wide=False):
+           transpose=False, wide=False, groups=1):
+    """``x``: codes, or (stable MobileNetV2) an int32 accumulator."""
     w = self.weights[weight]
-    kh, kw = w.shape[:2]
-    cin = w.shape[3] if transpose else w.shape[2]
-    cout = w.shape[2] if transpose else w.shape[3]
+    if transpose:
+      w = prog.transpose_kernel(w, groups)
+    kh, kw, cin, cout = w.shape
     if transpose and stride != 1:
       raise UnsupportedModelError(f"{name}: a strided transposed conv")
     h, wd, c = self.shapes[x]
-    if c != cin:
-      raise ValueError(f"{name}: input has {c} channels, kernel wants {cin}")
+    if c != cin * groups:
+      raise ValueError(f"{name}: input has {c} channels, kernel wants "
+                       f"{cin * groups}")
     (p0, p1), (q0, q1) = padding
     self.shapes[name] = ((h + p0 + p1 - kh) // stride + 1,
                          (wd + q0 + q1 - kw) // stride + 1, cout)
-    wk = np.abs(w.astype(np.int64))
-    l1 = wk.sum(axis=(0, 1, 3)) if transpose else wk.sum(axis=(0, 1, 2))
+    l1 = np.abs(w.astype(np.int64)).sum(axis=(0, 1, 2))
     self.bounds[name] = self.bounds[x] * float(l1.max())
-    self.ops.append({"op": "conv", "output": name, "input": x,
-                     "weight": weight, "stride": stride,
-                     "padding": [list(p) for p in padding],
-                     "transpose": transpose, "wide": wide,
-                     "input_range": list(self.ranges[x])})
+    if x not in self.ranges:  # an accumulator as input: its bound
+      self.ranges[x] = (-int(self.bounds[x]), int(self.bounds[x]))
+    if not wide and self.bounds[name] > prog.INT32_MAX:
+      raise UnsupportedModelError(f"{name}: the accumulator bound "
+                                  f"{self.bounds[name]:.3g} exceeds int32")
+    op = {"op": "conv", "output": name, "input": x, "weight": weight,
+          "stride": stride, "padding": [list(p) for p in padding],
+          "transpose": transpose, "wide": wide,
+          "input_range": list(self.ranges[x])}
+    if groups != 1:
+      op["groups"] = groups
+    self.ops.append(op)
     return name
 
   def _parts(self, parts, wide=False):
@@ -147,10 +157,15 @@ class _Builder:
     with coefficients in units of ``grid``'s step; ``wide``: int64."""
     step, lo, hi = grid
     coefs, bounds, bias = self._parts(parts, wide)
+    # narrow terms only (no pre-shift): bounded by 2^53, exact in float64
+    f64 = wide and all(prog.pre_shift(self.bounds[t], prog.WIDE_TERM_BITS)
+                       == 0 and self.bounds[t] < 2 ** prog.TERM_BITS
+                       for part in parts for t, _, _ in part["terms"])
+    limit = prog.F64_EXACT if f64 else (prog.INT64_MAX if wide
+                                        else prog.INT32_MAX)
     shift = prog.choose_shift(bounds, coefs, bias, multiplier=4 if pool else 1,
                               lo=lo, rounding=True,
-                              pool_shift=2 if pool else 0,
-                              limit=prog.INT64_MAX if wide else prog.INT32_MAX)
+                              pool_shift=2 if pool else 0, limit=limit)
     h, w, _ = self.shapes[parts[0]["terms"][0][0]]
     c = sum(len(p["bias"]) for p in parts)
     self.shapes[name] = (h // 2, w // 2, c) if pool else (h, w, c)
@@ -158,7 +173,7 @@ class _Builder:
     self.bounds[name] = float(max(abs(lo), abs(hi)))
     self.ops.append({"op": "requant", "output": name,
                      "parts": self._fixed(parts, shift, wide),
-                     "pool": bool(pool), "wide": wide,
+                     "pool": bool(pool), "wide": wide, "f64": bool(f64),
                      "shift": shift, "range": [lo, hi], "step": step})
     return name
 
@@ -286,6 +301,156 @@ def _stable_block(b, name, x, gx: Grid, p, s, bits, next_grid, *, n_out,
   return b.requant(f"{name}/out", parts, next_grid, pool=pool)
 
 
+def _qconv_codes(b, name, p, wb):
+  """Codes of a QuantConv's kernel, added to the program as ``name``."""
+  codes, scale = weight_codes(p["kernel"], p["wq"], wb)
+  b.add_weight(name, codes, scale, wb, 2 ** (wb - 1) - 1)
+  return scale
+
+
+def _bn(p, s, key, n, clean=False):
+  return (np.ones(n), np.zeros(n)) if clean else fold_bn(p[key], s[key])
+
+
+def _inverted_residual(b, name, x, gx: Grid, p, s, bits, unit, *, strides):
+  """Eq. 21: expand 1x1, depthwise 3x3, project 1x1 (+ x); the parts of
+  the block output in units of ``unit``."""
+  wb, ab = bits
+  n_in = b.shapes[x][2]
+  se = _qconv_codes(b, f"{name}/expand", p["conv_expand"], wb)
+  sd = _qconv_codes(b, f"{name}/dw", p["conv_dw"], wb)
+  sp = _qconv_codes(b, f"{name}/project", p["conv_project"], wb)
+  hidden = b.weights[f"{name}/expand"].shape[3]
+  one = ((0, 0), (0, 0))
+  ge = act_grid(p["aq_expand"], ab, False)
+  acc = b.conv(f"{name}/acc_expand", x, f"{name}/expand", padding=one)
+  g, d = _bn(p, s, "bn1", hidden)
+  y = b.requant(f"{name}/expand_out", [{"terms": [_term(acc, gx[0] * se * g /
+                                                      ge[0])],
+                                        "bias": d / ge[0], "relu": True}], ge)
+  gd = act_grid(p["aq_dw"], ab, False)
+  acc = b.conv(f"{name}/acc_dw", y, f"{name}/dw", stride=strides,
+               groups=hidden)
+  g, d = _bn(p, s, "bn2", hidden)
+  y = b.requant(f"{name}/dw_out", [{"terms": [_term(acc, ge[0] * sd * g /
+                                                    gd[0])],
+                                    "bias": d / gd[0], "relu": True}], gd)
+  acc = b.conv(f"{name}/acc_project", y, f"{name}/project", padding=one)
+  n_out = b.weights[f"{name}/project"].shape[3]
+  g, d = _bn(p, s, "bn3", n_out)
+  terms = [_term(acc, gd[0] * sp * g / unit)]
+  if strides == 1 and n_in == n_out:
+    terms.append(_term(x, np.full(n_in, gx[0] / unit)))
+  return [{"terms": terms, "bias": d / unit, "relu": False}]
+
+
+def _stable_inverted_residual(b, name, x, gx: Grid, p, s, bits, unit, *,
+                              n_out, h, clean):
+  """Eq. 22 with ``K = K_dw K_1x1``: ``K x`` is the depthwise conv of the
+  1x1 conv's int32 accumulator (no quantizer between them), ``Kᵀ y`` the
+  1x1ᵀ of the depthwiseᵀ accumulator; K's codes serve both."""
+  wb, ab = bits
+  n_in = b.shapes[x][2]
+  c1, s1 = weight_codes(p["kernel_1x1"], p["wq_1x1"], wb)
+  cd, sd = weight_codes(p["kernel_dw"], p["wq_dw"], wb)
+  b.add_weight(f"{name}/1x1", c1, s1, wb, 2 ** (wb - 1) - 1)
+  b.add_weight(f"{name}/dw", cd, sd, wb, 2 ** (wb - 1) - 1)
+  hidden = c1.shape[3]
+  one = ((0, 0), (0, 0))
+  acc = b.conv(f"{name}/acc_1x1", x, f"{name}/1x1", padding=one)
+  acc = b.conv(f"{name}/acc_k", acc, f"{name}/dw", groups=hidden)
+  gy = act_grid(p["aq_mid"], ab, False)
+  g1, d1 = _bn(p, s, "bn1", hidden, clean)
+  y = b.requant(f"{name}/mid", [{"terms": [_term(acc, gx[0] * s1 * sd * g1 /
+                                                 gy[0])],
+                                 "bias": d1 / gy[0], "relu": True}], gy)
+  acc = b.conv(f"{name}/acc_dwt", y, f"{name}/dw", groups=hidden,
+               transpose=True)
+  acc = b.conv(f"{name}/acc_kt", acc, f"{name}/1x1", padding=one,
+               transpose=True)
+  g2, d2 = _bn(p, s, "bn2", n_in, clean)
+  parts = [{"terms": [_term(x, np.full(n_in, gx[0] / unit)),
+                      _term(acc, -h * gy[0] * s1 * sd * g2 / unit)],
+            "bias": -h * d2 / unit, "relu": False}]
+  if n_out > n_in:
+    parts.append({"terms": [_term(x, np.full(n_out - n_in, gx[0] / unit))],
+                  "bias": np.zeros(n_out - n_in), "relu": False})
+  return parts
+
+
+def _rescale(parts, k):
+  return [{"terms": [(t, ch, c * k) for t, ch, c in part["terms"]],
+           "bias": part["bias"] * k, "relu": part["relu"]} for part in parts]
+
+
+def _value_bound(b, parts) -> float:
+  """Worst-case ``|value|`` of ``parts`` (coefficients in value units)."""
+  out = 0.0
+  for part in parts:
+    v = np.abs(part["bias"]).astype(np.float64)
+    for t, _, c in part["terms"]:
+      v = v + b.bounds[t] * np.abs(c)
+    out = max(out, float(v.max()))
+  return out
+
+
+def _mobilenet(b, model, params, stats, bits, mean, std) -> None:
+  """MobileNetV2 / stable MobileNetV2 (``b`` gets every op)."""
+  blocks = []
+  for s_i, (width, num, stride, t) in enumerate(model.stages):
+    for k in range(num):
+      first = k == 0
+      blocks.append((f"stage{s_i + 1}_block{k + 1}", width, stride, t,
+                     model.block_input_signed and not (s_i == 0 and first),
+                     model.stable and (not first or model.stable_transitions),
+                     first))
+  for name, *_ in blocks:
+    if name not in params:
+      raise ValueError(f"variables have no {name!r}: not the variables of "
+                       "this MobileNetV2")
+  grid = lambda i: act_grid(params[blocks[i][0]]["aq_in"], bits[1],
+                            blocks[i][4])
+  x = _stem(b, {"params": params, "batch_stats": stats}, grid(0), mean, std)
+  for i, (name, width, stride, t, _, stable, first) in enumerate(blocks):
+    last = i + 1 == len(blocks)
+    unit = 1.0 if last else grid(i + 1)[0]
+    p, s = params[name], stats.get(name, {})
+    if stable:
+      if first and stride == 2 and not model.stable_transitions:
+        raise UnsupportedModelError(f"{name}: stride without pooling")
+      parts = _stable_inverted_residual(
+          b, name, x, grid(i), p, s, bits, unit, n_out=width, h=model.h,
+          clean=model.clean_form)
+      pool = first and stride == 2
+    else:
+      parts = _inverted_residual(b, name, x, grid(i), p, s, bits, unit,
+                                 strides=stride if first else 1)
+      pool = False
+    if last:
+      if pool:
+        raise UnsupportedModelError(f"{name}: a pooling last block")
+      break
+    x = b.requant(f"{name}/out", parts, grid(i + 1), pool=pool)
+  # the closing 1x1 conv is float in the trained model, on the float output
+  # of the last block: that output gets CLOSING_BITS-bit signed codes on a
+  # step from its worst-case bound, the kernel per-channel STEM_WEIGHT_BITS
+  # codes (as the stem), an int64 accumulator
+  qc = 2 ** (CLOSING_BITS - 1) - 1
+  step = _value_bound(b, parts) / qc
+  x = b.requant("closing_in", _rescale(parts, 1.0 / step), (step, -qc, qc))
+  kernel = _np(params["closing_conv"]["kernel"])
+  qw = 2 ** (STEM_WEIGHT_BITS - 1) - 1
+  w_scale = np.abs(kernel).max(axis=(0, 1, 2)) / qw
+  w_scale = np.where(w_scale > 0, w_scale, 1.0)
+  b.add_weight("closing", np.round(kernel / w_scale).astype(np.int32),
+               w_scale, STEM_WEIGHT_BITS, qw)
+  acc = b.conv("closing_acc", x, "closing", padding=((0, 0), (0, 0)),
+               wide=True)
+  g, d = fold_bn(params["closing_bn"], stats["closing_bn"])
+  b.head([{"terms": [_term(acc, step * w_scale * g)], "bias": d,
+           "relu": True}], params["head"]["dense"])
+
+
 def _check_switches(model) -> None:
   sw = model.switches
   if not sw.quantize_weights:
@@ -332,15 +497,24 @@ def convert(model: nn.Module, variables: Dict[str, Any], bits,
   """
   is_resnet = isinstance(model, resnet_lib.ResNet)
   is_stable = isinstance(model, stable_lib.StableResNet)
-  if not (is_resnet or is_stable):
+  is_mobile = isinstance(model, mobile_lib.MobileNetV2)
+  if not (is_resnet or is_stable or is_mobile):
     raise UnsupportedModelError(
         f"no integer conversion for {type(model).__name__}; supported: ResNet,"
-        " StableResNet")
+        " StableResNet, MobileNetV2 (PDEGCN: pdeq_jax.deploy.gcn.convert)")
   _check_switches(model)
-  if is_stable and (model.act is not nn.relu or model.act_signed):
-    raise UnsupportedModelError("StableResNet: only act=relu (unsigned) has "
-                                "an integer form here")
+  if (is_stable or is_mobile and model.stable) and (
+      model.act is not nn.relu or model.act_signed):
+    raise UnsupportedModelError(f"{type(model).__name__}: only act=relu "
+                                "(unsigned) has an integer form here")
   wb, ab = _check_bits(bits)
+  if is_mobile:
+    b = _Builder()
+    b.shapes["input"] = tuple(image_shape)
+    _mobilenet(b, model, variables["params"],
+               variables.get("batch_stats", {}), (wb, ab), input_mean,
+               input_std)
+    return _program(b, model, wb, ab, image_shape)
   if model.scan_blocks:
     variables = scan_lib.unstack_blocks(variables)
   params, stats = variables["params"], variables.get("batch_stats", {})
@@ -380,7 +554,14 @@ def convert(model: nn.Module, variables: Dict[str, Any], bits,
     else:
       x = out
   b.head(parts, params["head"]["dense"])
-  return {"format": "pdeq_jax.deploy/1", "model": type(model).__name__,
+  return _program(b, model, wb, ab, image_shape)
+
+
+def _program(b, model, wb, ab, image_shape):
+  name = type(model).__name__
+  if getattr(model, "stable", False):
+    name = "Stable" + name
+  return {"format": "pdeq_jax.deploy/1", "model": name,
           "bits": {"weights": wb, "activations": ab},
           "input": b.input, "weights": b.weights,
           "weight_meta": b.weight_meta, "ops": b.ops,

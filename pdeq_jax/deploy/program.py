@@ -24,11 +24,19 @@ only for the stem's wide accumulator, keeping ``TERM_BITS`` of it)
 
 with ``m_k = round(c_k 2^F)`` and ``b = round(d 2^F)`` the float
 coefficients of the folded conv/BN/residual in units of the output grid's
-step.  Rounding: to nearest, ties to even (as ``jnp.round`` in the float
+step; in int64 (wide) ops both are rounded to ``MANTISSA_BITS`` = 31
+significant bits (``m = mant 2^e`` with an int32 ``mant``), a relative error
+below 2^-31, so that the compact checkpoint stores them as int32 + a small
+shift without changing a single integer the program computes.  Rounding: to nearest, ties to even (as ``jnp.round`` in the float
 model: exact ties do occur, e.g. a 2x2 average of codes).  ``F``
 is the largest shift whose worst-case ``|V|`` (from the accumulator bounds)
 fits the op's integers (int64 for every op the converter writes; the
-executor also runs int32 ops), so no intermediate can overflow.
+executor also runs int32 ops), so no intermediate can overflow.  Ops whose
+terms are all narrow (codes and int32 accumulators, no pre-shift) are
+bounded by ``F64_EXACT`` = 2^53 instead (``"f64": True``): every
+intermediate is then an integer that float64 holds exactly, so a runtime
+may evaluate them in float64 (the ONNX graph does, with ``Round``, ties to
+even) and still get the int64 result bit for bit.
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ import numpy as np
 
 INT32_MAX = 2 ** 31 - 1
 INT64_MAX = 2 ** 63 - 1
+F64_EXACT = 2 ** 53  # |integers| below this are exact in float64
 MAX_SHIFT = 30
 MIN_SHIFT = 8  # fewer fraction bits than this: the folded layer is refused
 TERM_BITS = 16  # a wider int32 term is rounded to this many bits first
 WIDE_TERM_BITS = 30  # the same in a wide (int64) op
+MANTISSA_BITS = 31  # significant bits of a wide op's constants (int32 mant)
 
 
 def pre_shift(bound: float, term_bits: int = TERM_BITS) -> int:
@@ -77,11 +87,12 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
   float coefficient; ``multiplier``: how many ``V`` are summed before the
   shift (4 for 2x2 pooling, ``H W`` for the head's global sum).
   """
-  for shift in range(MAX_SHIFT if limit == INT32_MAX else 60, -1, -1):
-    scale = 2.0 ** shift
-    bound = float(np.max(np.abs(np.round(bias * scale)))) if bias.size else 0.0
+  wide = limit != INT32_MAX
+  for shift in range(MAX_SHIFT if not wide else 60, -1, -1):
+    fixed = lambda v: np.abs(_rounded(v, shift, wide).astype(np.float64))
+    bound = float(np.max(fixed(bias))) if bias.size else 0.0
     for t, c in zip(term_bounds, coefs):
-      bound += float(t) * float(np.max(np.abs(np.round(c * scale))))
+      bound += float(t) * float(np.max(fixed(c)))
     bound *= multiplier
     if rounding:
       s = shift + pool_shift
@@ -95,10 +106,29 @@ def choose_shift(term_bounds: Sequence[float], coefs: Sequence[np.ndarray],
                    "is too wide for this integer scheme")
 
 
+def _rounded(values, shift: int, wide: bool) -> np.ndarray:
+  """``round(values 2^shift)`` (float64); if ``wide``, to ``MANTISSA_BITS``
+  significant bits: ``mant 2^e`` with ``|mant| < 2^31`` (ties to even)."""
+  v = np.asarray(values, np.float64) * 2.0 ** shift
+  out = np.round(v)
+  if not wide:
+    return out
+  # e = (bit length of |round(v)|) - MANTISSA_BITS, at least 0
+  mag = np.abs(out)
+  e = np.zeros(v.shape, np.int64)
+  big = mag >= 2.0 ** MANTISSA_BITS
+  e[big] = np.floor(np.log2(mag[big])).astype(np.int64) + 1 - MANTISSA_BITS
+  mant = np.round(np.ldexp(v, -e))
+  carry = np.abs(mant) >= 2.0 ** MANTISSA_BITS  # rounded up to 2^31
+  mant = np.where(carry, mant / 2.0, mant)
+  return np.ldexp(mant, e + carry)
+
+
 def fixed_point(values: np.ndarray, shift: int, wide: bool = False
                 ) -> np.ndarray:
-  """``round(values * 2^shift)`` as int32 (int64 if ``wide``)."""
-  out = np.round(np.asarray(values, np.float64) * 2.0 ** shift)
+  """``round(values * 2^shift)`` as int32; if ``wide``: int64, rounded to
+  ``MANTISSA_BITS`` significant bits (an int32 mantissa times ``2^e``)."""
+  out = _rounded(values, shift, wide)
   if np.any(np.abs(out) > (INT64_MAX if wide else INT32_MAX)):
     raise ValueError("a requantization constant does not fit its integers")
   return out.astype(np.int64 if wide else np.int32)
@@ -106,7 +136,9 @@ def fixed_point(values: np.ndarray, shift: int, wide: bool = False
 
 def code_dtype(lo: int, hi: int):
   """The narrowest signed integer type that holds codes ``lo..hi``."""
-  return np.int8 if -128 <= lo and hi <= 127 else np.int16
+  if -128 <= lo and hi <= 127:
+    return np.int8
+  return np.int16 if -2 ** 15 <= lo and hi < 2 ** 15 else np.int32
 
 
 def conv_padding(op: Dict[str, Any], w: np.ndarray):
@@ -118,9 +150,15 @@ def conv_padding(op: Dict[str, Any], w: np.ndarray):
   return ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1))
 
 
-def transpose_kernel(w):
-  """HWIO kernel of ``Kᵀ`` (stride 1) from K's: flipped, in/out swapped."""
-  return w[::-1, ::-1].transpose(0, 1, 3, 2)
+def transpose_kernel(w, groups: int = 1):
+  """HWIO kernel of ``Kᵀ`` (stride 1) from K's: flipped, in/out swapped
+  (within each of ``groups`` groups: a depthwise kernel is only flipped)."""
+  kh, kw, ci, co = w.shape
+  w = w[::-1, ::-1]
+  if groups == 1:
+    return w.transpose(0, 1, 3, 2)
+  w = w.reshape(kh, kw, ci, groups, co // groups).transpose(0, 1, 4, 3, 2)
+  return w.reshape(kh, kw, co // groups, groups * ci)
 
 
 # ---------------------------------------------------------------------------
@@ -144,13 +182,14 @@ def _conv(program, op, env):
     dtype = jnp.dtype(np.promote_types(code_dtype(*op["input_range"]),
                                        w.dtype))
     out = jnp.int32
+  groups = op.get("groups", 1)
   kernel = jnp.asarray(w)
   if op["transpose"]:
-    kernel = transpose_kernel(kernel)
+    kernel = transpose_kernel(kernel, groups)
   return jax.lax.conv_general_dilated(
       x.astype(dtype), kernel.astype(dtype), (op["stride"],) * 2,
       conv_padding(op, w), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=out)
+      feature_group_count=groups, preferred_element_type=out)
 
 
 def _fixed_point_sum(op, env):
@@ -260,7 +299,7 @@ def accumulator_stats(program: Dict[str, Any]) -> List[Dict[str, Any]]:
       continue
     w = np.asarray(program["weights"][op["weight"]], np.int64)
     if op["transpose"]:
-      w = np.asarray(transpose_kernel(w))
+      w = np.asarray(transpose_kernel(w, op.get("groups", 1)))
     kh, kw, cin, _ = w.shape
     x_max = max(abs(v) for v in op["input_range"])
     w_max = program["weight_meta"][op["weight"]]["qmax"]

@@ -146,7 +146,8 @@ def test_gcn_onnxruntime_equals_jax():
   onnx_model = onnx_export.export_gcn(program)
   import onnx
   onnx.checker.check_model(onnx_model)
-  got = onnx_export.session(onnx_model).run(None, {"q": q0})[0]
+  got = onnx_export.session(onnx_model, intra_op_threads=1).run(
+      None, {"q": q0})[0]
   want = np.asarray(gcn.run(program, q0))
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, want)
@@ -160,3 +161,65 @@ def test_gcn_errors():
     gcn.convert(float_weights, variables, graph, (4, 4))
   with pytest.raises(convert_lib.UnsupportedModelError, match="2..8 bits"):
     gcn.convert(model, variables, graph, (None, 4))
+
+
+def _tiny_cora_run(data_dir, workdir, weight_bits):
+  """A 4-layer width-16 PDE-GCN trained 2 epochs on real Cora."""
+  from configs import pde_gcn as gcn_configs
+  from train import node_classify
+  config = gcn_configs.get_config("cora,sym,4w4a")
+  config.data.data_dir = str(data_dir / "planetoid")
+  config.model.depth, config.model.width = 4, 16
+  config.num_epochs = 2
+  config.checkpoint_every = 2
+  config.quant.weight_bits = weight_bits
+  node_classify.train_and_evaluate(config, str(workdir), verbose=False)
+  return str(workdir)
+
+
+def test_export_cli_gcn_run(data_dir, tmp_path):
+  """train.export on a finished PDE-GCN run: ONNX logits equal the JAX
+  integer path on every node, and the files load again."""
+  import json
+  from pdeq_jax.deploy import onnx_export
+  from pdeq_jax.deploy import pack
+  from pdeq_jax.deploy import stablehlo
+  from train import export
+  run = _tiny_cora_run(data_dir, tmp_path / "run", 4)
+  out = tmp_path / "onnx"
+  s = export.export(run, "onnx", str(out))
+  assert s["count"] == 1000 and s["nodes"] == 2708
+  assert s["export_logit_mismatch_all_nodes"] == 0
+  assert s["export_disagree"] == 0 and s["correct_export"] == s["correct_int"]
+  assert s["correct_fake"] > 300  # 2 epochs on Cora: well above 1/7 chance
+  assert json.loads((out / "summary.json").read_text())["bits"] == {
+      "weights": 4, "activations": 4}
+  text = (out / "deploy.md").read_text()
+  assert "What stays float" in text and "| 3 | 4 |" in text
+  # independent of train.export: the compact checkpoint runs in gcn.run, the
+  # saved ONNX in onnxruntime, the StableHLO artifact alone, all equal
+  config, variables, bits, _ = export.load_run(run)
+  from train import node_classify
+  task = node_classify.load_task(config)
+  model = node_classify.create_model(config, task.num_classes)
+  program = pack.load(out / "model.pdeq")
+  q0 = np.asarray(gcn.input_codes(program, task.features.todense()))
+  want = np.asarray(gcn.run(gcn.convert(model, variables, task.graph, bits),
+                            q0))
+  np.testing.assert_array_equal(np.asarray(gcn.run(program, q0)), want)
+  got = onnx_export.session(str(out / "model.onnx"), intra_op_threads=1).run(
+      None, {"q": q0})[0]
+  np.testing.assert_array_equal(got, want)
+  s = export.export(run, "stablehlo", str(tmp_path / "hlo"))
+  assert s["export_logit_mismatch_all_nodes"] == 0
+  loaded = stablehlo.load(tmp_path / "hlo" / "model.stablehlo")
+  np.testing.assert_array_equal(np.asarray(loaded(q0)), want)
+
+
+def test_export_cli_gcn_float_weights_error(data_dir, tmp_path):
+  from train import export
+  run = _tiny_cora_run(data_dir, tmp_path / "run", 32)
+  with pytest.raises(export.ExportError,
+                     match=r"float weights \(config.quant.weight_bits=32.*"
+                     r"--config.quant.weight_bits=4 \(or 2..8\)"):
+    export.load_run(run)

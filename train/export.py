@@ -1,4 +1,4 @@
-"""Export a finished quantized CIFAR run as an integer model.
+"""Export a finished quantized CIFAR (or PDE-GCN) run as an integer model.
 
     python -m train.export --workdir=runs/resnet20_4w4a --format=onnx \
         --output=export_dir [--which=best] [--max_test=0]
@@ -11,6 +11,13 @@ bit width, and on the test set: the test accuracy of the fake-quant model,
 the JAX integer path and the exported model, the top-1 agreement (with the
 disagreement count) and the number of exported logits that differ from the
 JAX integer path.
+
+A PDE-GCN node-classification run (``quant.weight_bits`` 2..8) exports
+through :mod:`pdeq_jax.deploy.gcn`: the model's input is layer 0's int32
+state codes (the float opening layer stays outside, see ``docs/deploy.md``),
+and ``deploy.md`` reports the test-node accuracy of each path, the
+disagreements, the exported logit mismatches, per-layer scales and the
+accumulator bounds against the largest values seen on the whole graph.
 """
 
 from __future__ import annotations
@@ -28,14 +35,17 @@ import numpy as np
 from pdeq_jax import layers
 from pdeq_jax.data import images as image_data
 from pdeq_jax.deploy import convert as convert_lib
+from pdeq_jax.deploy import gcn as gcn_lib
 from pdeq_jax.deploy import pack
 from pdeq_jax.deploy import program as prog
 from train import classify
 from train import cli
 from train import common
+from train import node_classify
 
 FLAGS = flags.FLAGS
 FORMATS = ("onnx", "stablehlo")
+TASKS = ("image_classification", "node_classification")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -66,10 +76,16 @@ def load_run(workdir: str, which: str = "best",
   """
   path = pathlib.Path(workdir)
   config = classify.load_run_config(path)  # clear errors for a bad workdir
-  if config.task != "image_classification":
-    raise ExportError(f"config.task={config.task!r}: only image "
-                      "classification runs export (allowed: "
-                      "image_classification)")
+  if config.task not in TASKS:
+    raise ExportError(f"config.task={config.task!r} does not export "
+                      f"(allowed: {', '.join(TASKS)})")
+  graph = config.task == "node_classification"
+  if graph and int(config.quant.weight_bits) > 8:
+    raise ExportError(
+        f"{path} is a PDE-GCN run with float weights (config.quant."
+        f"weight_bits={int(config.quant.weight_bits)}, as the Table 7 rows):"
+        " the integer form needs quantized K; train with "
+        "--config.quant.weight_bits=4 (or 2..8)")
   finished = (path / "results.json").is_file()
   if not finished and not allow_unfinished:
     raise ExportError(f"{path} is an unfinished run (no results.json): "
@@ -80,7 +96,9 @@ def load_run(workdir: str, which: str = "best",
       raise ExportError(
           f"{path} is a float run (config.quant.{field} ends at "
           f"{int(value)} bits, i.e. no integer grid); allowed: 2..8 bits")
-  if finished:
+  if graph:
+    variables, bits, note = _gcn_variables(path, config, which, finished)
+  elif finished:
     variables = classify.load_source_variables(str(path), which)
     bits, note = final, f"finished run, {which} model"
   else:
@@ -98,6 +116,31 @@ def load_run(workdir: str, which: str = "best",
             f"{epoch + 1} of {config.num_epochs}), its current weights")
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   return config, variables, (int(bits.weights), int(bits.activations)), note
+
+
+def _gcn_variables(path, config, which, finished):
+  """A node-classification checkpoint (its ``best`` or latest params)."""
+  ckpt = common.Checkpointer(path / "checkpoints")
+  step = ckpt.latest_step()
+  tree = ckpt.restore_raw()
+  ckpt.close()
+  best_epoch = int(np.asarray(tree["best"]["epoch"]))
+  if finished:
+    final = common.bits_for_epoch(config, int(config.num_epochs) - 1)
+    if which == "best" and best_epoch >= 0:
+      return ({"params": tree["best"]["params"]}, final,
+              f"finished run, best model (epoch {best_epoch})")
+    return {"params": tree["params"]}, final, "finished run, final model"
+  bits = common.bits_for_epoch(config, max(int(step) - 1, 0))
+  return ({"params": tree["params"]}, bits,
+          f"UNFINISHED run: latest checkpoint (epoch {step} of "
+          f"{config.num_epochs}), its current weights")
+
+
+def _safe_width(value) -> Any:
+  """The smallest signed accumulator width (16/24/32/64) holding |value|."""
+  return next((b for b in (16, 24, 32, 64) if value <= 2 ** (b - 1) - 1),
+              None)
 
 
 def _macs(program) -> Dict[str, int]:
@@ -186,27 +229,17 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
   if fmt not in FORMATS:
     raise ExportError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
   config, variables, bits, note = load_run(workdir, which, allow_unfinished)
+  if config.task == "node_classification":
+    return _export_gcn(config, variables, bits, note, workdir, fmt, output)
   data = classify.load_data(config)
   model = classify.create_model(config, data.num_classes)
   program = convert_lib.convert(model, variables, bits, data.mean, data.std,
                                 data.test_images.shape[1:])
   out = pathlib.Path(output)
-  out.mkdir(parents=True, exist_ok=True)
-  compact_packed = pack.save(program, out / "model.pdeq", deflate=False)
-  compact = pack.save(program, out / "model.pdeq")
-  float_bytes = pack.float_checkpoint_bytes(variables)
-  if fmt == "onnx":
-    from pdeq_jax.deploy import onnx_export  # pylint: disable=import-outside-toplevel
-    onnx_export.save(program, str(out / "model.onnx"))
-    model_file = out / "model.onnx"
-    sess = onnx_export.session(str(model_file))
-    run_export = lambda x: sess.run(None, {"x": x})[0]
-  else:
-    from pdeq_jax.deploy import stablehlo  # pylint: disable=import-outside-toplevel
-    model_file = out / "model.stablehlo"
-    stablehlo.save(program, model_file)
-    loaded = stablehlo.load(model_file)
-    run_export = lambda x: np.asarray(loaded(jnp.asarray(x)))
+  sizes, model_file, run_export = _save(program, variables, fmt, out, "x")
+  compact, compact_packed = sizes["compact_bytes"], sizes[
+      "compact_packed_bytes"]
+  float_bytes = sizes["float32_bytes"]
   test_images, test_labels = data.test_images, data.test_labels
   if max_test and max_test < len(test_labels):
     idx = np.sort(image_data.balanced_subset(test_labels, max_test, 0))
@@ -227,6 +260,194 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
   common.write_text(out / "deploy.md", text)
   print(text)
   return summary
+
+
+def _save(program, variables, fmt, out: pathlib.Path, input_name: str):
+  """Writes the compact checkpoint and the model; returns the sizes, the
+  model file and ``x -> logits`` of the exported model."""
+  out.mkdir(parents=True, exist_ok=True)
+  sizes = {"compact_packed_bytes": pack.save(program, out / "model.pdeq",
+                                             deflate=False),
+           "compact_bytes": pack.save(program, out / "model.pdeq"),
+           "float32_bytes": pack.float_checkpoint_bytes(variables)}
+  if fmt == "onnx":
+    from pdeq_jax.deploy import onnx_export  # pylint: disable=import-outside-toplevel
+    onnx_export.save(program, str(out / "model.onnx"))
+    model_file = out / "model.onnx"
+    sess = onnx_export.session(str(model_file), intra_op_threads=1 if
+                               program.get("model") == "PDEGCN" else 0)
+    run_export = lambda x: sess.run(None, {input_name: x})[0]
+  else:
+    from pdeq_jax.deploy import stablehlo  # pylint: disable=import-outside-toplevel
+    model_file = out / "model.stablehlo"
+    stablehlo.save(program, model_file)
+    loaded = stablehlo.load(model_file)
+    run_export = lambda x: np.asarray(loaded(jnp.asarray(x)))
+  return sizes, model_file, run_export
+
+
+def _export_gcn(config, variables, bits, note, workdir, fmt, output):
+  """The PDE-GCN export (see the module docstring); returns the summary."""
+  task = node_classify.load_task(config)
+  model = node_classify.create_model(config, task.num_classes)
+  program = gcn_lib.convert(model, variables, task.graph, bits)
+  out = pathlib.Path(output)
+  sizes, model_file, run_export = _save(program, variables, fmt, out, "q")
+  stats = evaluate_gcn(model, variables, program, task, bits, run_export)
+  p = variables["params"]
+  alpha = lambda name: [float(a) for a in np.asarray(
+      layers.positive_alpha(jnp.asarray(p[name], jnp.float32)))]
+  summary = {"workdir": str(workdir), "which": note, "format": fmt,
+             "task": "node_classification", "dataset": config.data.name,
+             "symmetric": bool(config.model.symmetric),
+             "bits": {"weights": bits[0], "activations": bits[1]},
+             **sizes, "float_open_bytes": int(
+                 np.asarray(program["open_kernel"]).nbytes),
+             "model_file": model_file.name,
+             "model_bytes": model_file.stat().st_size,
+             "alpha_state": alpha("alpha_state"),
+             "alpha_act": alpha("alpha_act"), **stats}
+  common.write_json(out / "summary.json", summary)
+  text = gcn_markdown(program, summary)
+  common.write_text(out / "deploy.md", text)
+  print(text)
+  return summary
+
+
+def evaluate_gcn(model, variables, program, task, bits, run_export):
+  """Test-node accuracy of the three paths, disagreements, exported logit
+  mismatches and per-layer accumulator maxima (one full-graph inference)."""
+  qbits = layers.QuantBits.make(*bits)
+  t = time.perf_counter()
+  fake, hidden = jax.jit(lambda v, f, g: model.apply(
+      v, f, g, qbits, return_hidden=True))(variables, task.features,
+                                            task.graph)
+  fake = np.asarray(fake)
+  seconds = {"fake": time.perf_counter() - t}
+  features = task.features
+  if isinstance(features, node_classify.SparseFeatures):
+    features = features.todense()
+  t = time.perf_counter()
+  q0 = np.asarray(gcn_lib.input_codes(program, features))
+  logits, env = gcn_lib.run(program, q0, return_intermediates=True)
+  logits = np.asarray(logits)
+  seconds["int"] = time.perf_counter() - t
+  t = time.perf_counter()
+  exported = np.asarray(run_export(q0))
+  seconds["export"] = time.perf_counter() - t
+  # layer 0's codes as the fake-quant model quantized them (odd, [-L, L])
+  levels = program["input"]["levels"]
+  alpha0 = float(layers.positive_alpha(
+      jnp.asarray(variables["params"]["alpha_state"], jnp.float32))[0])
+  fake_q0 = np.round(np.asarray(hidden[0], np.float64) * levels / alpha0)
+  test = np.asarray(task.test_idx)
+  labels = np.asarray(task.labels)
+  pf, pi, pe = (np.argmax(a, -1) for a in (fake, logits, exported))
+  mismatch = (exported != logits).any(axis=-1)
+  acc_max = {}
+  for j in range(len(program["layers"])):
+    for part in ("a", "y", "z"):
+      acc_max[f"layer{j}/{part}"] = int(np.abs(np.asarray(
+          env[f"layer{j}/{part}"])).max())
+  return {"count": int(test.size), "nodes": int(labels.size),
+          "correct_fake": int((pf[test] == labels[test]).sum()),
+          "correct_int": int((pi[test] == labels[test]).sum()),
+          "correct_export": int((pe[test] == labels[test]).sum()),
+          "disagree": int((pf[test] != pi[test]).sum()),
+          "disagree_all_nodes": int((pf != pi).sum()),
+          "export_disagree": int((pe[test] != pi[test]).sum()),
+          "export_logit_mismatch": int(mismatch[test].sum()),
+          "export_logit_mismatch_all_nodes": int(mismatch.sum()),
+          "input_code_mismatch_nodes": int((fake_q0 != q0).any(-1).sum()),
+          "acc_max": acc_max, "seconds": seconds}
+
+
+GCN_FLOAT_PARTS = (
+    "What stays float, and why: the opening Dense + ReLU and layer 0's state "
+    "quantizer (the input quantization: the bag-of-words features and the "
+    "opening weights are float in the trained model; `gcn.input_codes`, not "
+    "part of the exported model, whose input is layer 0's int32 codes, "
+    "because float32 matmuls over 1433 features round differently across "
+    "runtimes), and the closing Dense (the logits' dequantization, a fixed "
+    "order of float32 multiply-adds of integer features).  Everything in "
+    "between is integer: `a = q K` (int32), the graph gradient and its tanh "
+    "quantizer as integer thresholds on `P = d W_e` (int64; the edge "
+    "weights `1/sqrt(d_i d_j)` as 31-bit fixed point), `Sᵀ` and `Kᵀ` "
+    "(int64), the requantization to the next layer's codes (int64 "
+    "multipliers, rounding to nearest, ties to even).")
+
+
+def gcn_markdown(program, s) -> str:
+  n, nodes = s["count"], s["nodes"]
+  acc = lambda k: f"{100 * s[k] / max(n, 1):.2f}"
+  fb = s["float32_bytes"]
+  lines = [f"# Integer export of `{s['workdir']}` ({s['which']})", "",
+           f"PDE-GCN ({'symmetric' if s['symmetric'] else 'non-symmetric'})"
+           f" on {s['dataset']}: {s['bits']['weights']}-bit weights, "
+           f"{s['bits']['activations']}-bit activations; format "
+           f"{s['format']} (`{s['model_file']}`, input: layer 0's int32 "
+           "codes).", "", "## Test nodes", "",
+           common.markdown_table(
+               ["path", "test accuracy %", "top-1 disagreements with the "
+                "integer path"],
+               [["fake-quant model (JAX, float)", acc("correct_fake"),
+                 f"{s['disagree']} / {n}"],
+                ["integer program (JAX, int32/int64)", acc("correct_int"),
+                 "0"],
+                [f"exported ({s['format']})", acc("correct_export"),
+                 f"{s['export_disagree']} / {n}"]]), "",
+           f"Integer path vs fake-quant model: {s['disagree']} of {n} test "
+           f"nodes disagree ({s['disagree_all_nodes']} of {nodes} nodes of "
+           f"the graph); layer 0's input codes (float opening layer, dense "
+           f"matmul here, the model's own in training) differ on "
+           f"{s['input_code_mismatch_nodes']} nodes.  Exported logits that "
+           f"differ from the JAX integer path in any entry: "
+           f"{s['export_logit_mismatch']} of {n} test nodes "
+           f"({s['export_logit_mismatch_all_nodes']} of {nodes} nodes).", "",
+           "## Sizes", "",
+           common.markdown_table(
+               ["file", "bytes", "vs float32 variables"],
+               [["float32 variables (params)", fb, "1"],
+                ["compact checkpoint `model.pdeq` (deflated)",
+                 s["compact_bytes"], f"1/{fb / s['compact_bytes']:.2f}"],
+                ["the same, raw packed (`deflate=False`)",
+                 s["compact_packed_bytes"],
+                 f"1/{fb / s['compact_packed_bytes']:.2f}"],
+                [f"`{s['model_file']}` (graph included, no opening layer)",
+                 s["model_bytes"], f"1/{fb / s['model_bytes']:.2f}"]]), "",
+           f"The float opening kernel alone is {s['float_open_bytes']} bytes "
+           "of the compact checkpoint (float32, as trained); the compact "
+           "checkpoint also holds the graph (senders, receivers, fixed-point "
+           "edge weights).", "",
+           "## Layers and accumulators", "",
+           "`a = q K`: int32, bound `L * max_o sum|K codes|`; `z = Y Kᵀ` (or "
+           "`Y K₂`): int64, bound from the edge codes, the fixed-point edge "
+           "weights and `sum|K codes|`; `observed`: largest |value| over "
+           "all nodes of the graph (`y = Sᵀ e`: observed only).  Safe width: "
+           "the smallest signed width holding the bound.", ""]
+  rows = []
+  for j, op in enumerate(program["layers"]):
+    meta = program["weight_meta"]
+    scale = f"{meta[op['K']]['scale']:.4g}"
+    if op["Z"] != op["K"]:
+      scale += f" / K₂ {meta[op['Z']]['scale']:.4g}"
+    am = s["acc_max"]
+    rows.append([j, meta[op["K"]]["bits"], scale,
+                 f"{2 * s['alpha_state'][j] / program['input']['levels']:.4g}",
+                 f"{s['alpha_act'][j]:.4g}", int(op["a_bound"]),
+                 am[f"layer{j}/a"], _safe_width(op["a_bound"]),
+                 am[f"layer{j}/y"], int(op["z_bound"]), am[f"layer{j}/z"],
+                 _safe_width(op["z_bound"]),
+                 op.get("shift", f"head, post {op.get('post_shift')}")])
+  lines.append(common.markdown_table(
+      ["layer", "w bits", "K scale", "state step", "act α (tanh)",
+       "a bound", "a observed", "a safe width", "y observed", "z bound",
+       "z observed", "z safe width", "F"], rows))
+  lines += ["", GCN_FLOAT_PARTS, "",
+            "Timing of this evaluation (seconds, one full-graph inference, "
+            "including compilation; not a benchmark): " + json.dumps(
+                {k: round(v, 2) for k, v in s["seconds"].items()}), ""]
+  return "\n".join(lines)
 
 
 def deploy_markdown(program, s) -> str:
@@ -274,9 +495,7 @@ def deploy_markdown(program, s) -> str:
   rows = []
   for r in prog.accumulator_stats(program):
     seen = s["acc_max"].get(r["layer"], 0)
-    obs_bits = next((b for b in (16, 24, 32, 64)
-                     if seen <= 2 ** (b - 1) - 1),
-                    None)
+    obs_bits = _safe_width(seen)
     op = next(o for o in program["ops"] if o.get("output") == r["layer"])
     meta = program["weight_meta"][op["weight"]]
     scale = meta["scale"]

@@ -448,20 +448,30 @@ def export_gcn(program: Dict[str, Any]):
 
 
 def save(program: Dict[str, Any], path: str, **kwargs) -> None:
-  """Writes ``export(program)`` to ``path`` (checked with onnx.checker)."""
+  """Writes ``export(program)`` (a PDE-GCN program: ``export_gcn``) to
+  ``path`` (checked with onnx.checker)."""
   import onnx  # pylint: disable=import-outside-toplevel
-  model = export(program, **kwargs)
+  model = (export_gcn(program) if program.get("model") == "PDEGCN"
+           else export(program, **kwargs))
   onnx.checker.check_model(model)
   onnx.save(model, path)
 
 
-def session(program_or_model, **kwargs):
-  """An onnxruntime CPU session of a program (or an ONNX model / path)."""
+def session(program_or_model, *, intra_op_threads: int = 0, **kwargs):
+  """An onnxruntime CPU session of a program (or an ONNX model / path).
+
+  ``intra_op_threads=1`` for a PDE-GCN model: onnxruntime's multithreaded
+  ``ScatterND`` with ``reduction="add"`` (``Sᵀ``) is not deterministic (on
+  Cora a default session gave logits differing from ``gcn.run`` on some
+  runs, a one-thread session never did).
+  """
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   model = program_or_model
   if isinstance(model, dict):
-    model = export(model, **kwargs)
+    model = (export_gcn(model) if model.get("model") == "PDEGCN"
+             else export(model, **kwargs))
   data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
   options = ort.SessionOptions()
+  options.intra_op_num_threads = intra_op_threads
   return ort.InferenceSession(data, options,
                               providers=["CPUExecutionProvider"])

@@ -18,7 +18,17 @@ from pdeq_jax.deploy import program as prog
 
 
 def export(program: Dict[str, Any]) -> "jax.export.Exported":
-  """The ``jax.export.Exported`` of the program's logits, batch symbolic."""
+  """The ``jax.export.Exported`` of the program's logits, batch symbolic.
+
+  A PDE-GCN program (:mod:`pdeq_jax.deploy.gcn`): the graph is part of the
+  artifact; its input is layer 0's int32 codes ``[num_nodes, width]``."""
+  if program.get("model") == "PDEGCN":
+    from pdeq_jax.deploy import gcn  # pylint: disable=import-outside-toplevel
+    k0 = program["weights"][program["layers"][0]["K"]]
+    spec = jax.ShapeDtypeStruct((program["graph"]["num_nodes"], k0.shape[0]),
+                                np.int32)
+    with jax.enable_x64(True):
+      return jax.export.export(jax.jit(lambda q: gcn.run(program, q)))(spec)
   h, w, c = program["image_shape"]
   (batch,) = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, h, w, c), np.float32)
@@ -34,10 +44,12 @@ def save(program: Dict[str, Any], path) -> int:
 
 
 def load(path) -> Callable[[Any], jax.Array]:
-  """``x -> logits`` from an artifact written by :func:`save`."""
+  """``x -> logits`` from an artifact written by :func:`save` (``x``: the
+  float32 batch, or a PDE-GCN's int32 codes)."""
   exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+  dtype = exported.in_avals[0].dtype
 
   def call(x):
     with jax.enable_x64(True):
-      return exported.call(jnp.asarray(x, jnp.float32))
+      return exported.call(jnp.asarray(x, dtype))
   return call

@@ -306,12 +306,29 @@ def _export_gcn(config, variables, bits, note, workdir, fmt, output):
              "model_file": model_file.name,
              "model_bytes": model_file.stat().st_size,
              "alpha_state": alpha("alpha_state"),
-             "alpha_act": alpha("alpha_act"), **stats}
+             "alpha_act": alpha("alpha_act"), "macs": _gcn_macs(program),
+             **stats}
   common.write_json(out / "summary.json", summary)
   text = gcn_markdown(program, summary)
   common.write_text(out / "deploy.md", text)
   print(text)
   return summary
+
+
+def _gcn_macs(program) -> Dict[str, int]:
+  """Multiply(-accumulate)s of one full-graph inference, by operand kind."""
+  g, wb, ab = program["graph"], program["bits"]["weights"], program["bits"][
+      "activations"]
+  n, edges = g["num_nodes"], len(g["senders"])
+  feats, width = np.shape(program["open_kernel"])
+  depth = len(program["layers"])
+  classes = np.shape(program["layers"][-1]["head_weight"])[1]
+  return {"float opening Dense (dense features)": n * feats * width,
+          f"{wb}W x {ab}A (a = q K)": depth * n * width * width,
+          "int64 edge weights x int32 (d W_e) and x codes (e W_e)":
+              depth * 2 * edges * width,
+          f"{wb}W x int64 (z = Y Kᵀ / Y K₂)": depth * n * width * width,
+          "float closing Dense": n * width * classes}
 
 
 def evaluate_gcn(model, variables, program, task, bits, run_export):
@@ -419,6 +436,9 @@ def gcn_markdown(program, s) -> str:
            "of the compact checkpoint (float32, as trained); the compact "
            "checkpoint also holds the graph (senders, receivers, fixed-point "
            "edge weights).", "",
+           "## Multiplies per full-graph inference", "",
+           common.markdown_table(["operands", "count"],
+                                 [[k, v] for k, v in s["macs"].items()]), "",
            "## Layers and accumulators", "",
            "`a = q K`: int32, bound `L * max_o sum|K codes|`; `z = Y Kᵀ` (or "
            "`Y K₂`): int64, bound from the edge codes, the fixed-point edge "

@@ -380,18 +380,25 @@ def export_gcn(program: Dict[str, Any]):
   gr = program["graph"]
   n, levels = gr["num_nodes"], program["input"]["levels"]
   width = program["weights"][program["layers"][0]["K"]].shape[0]
-  s_idx = g.const(np.asarray(gr["senders"], np.int64))
-  r_idx = g.const(np.asarray(gr["receivers"], np.int64))
-  s_nd = g.const(np.asarray(gr["senders"], np.int64)[:, None])
-  r_nd = g.const(np.asarray(gr["receivers"], np.int64)[:, None])
-  w = g.const(np.asarray(gr["weights"], np.int64)[:, None])
-  zeros = g.const(np.zeros((n, width), np.int64))
   i64 = lambda v: g.const(v, np.int64)
+  # stored small (int32 indices and edge weights, int8 codes), widened by
+  # Cast in the graph: the same integers, a smaller file
+  s_idx = g.op("Cast", [g.const(np.asarray(gr["senders"], np.int32))],
+               to=tp.INT64)
+  r_idx = g.op("Cast", [g.const(np.asarray(gr["receivers"], np.int32))],
+               to=tp.INT64)
+  s_nd = g.op("Unsqueeze", [s_idx, i64([1])])
+  r_nd = g.op("Unsqueeze", [r_idx, i64([1])])
+  w = np.asarray(gr["weights"], np.int64)[:, None]
+  w = g.op("Cast", [g.const(w, np.int32 if np.abs(w).max() < 2 ** 31
+                            else np.int64)], to=tp.INT64)
+  zeros = g.op("ConstantOfShape", [i64([n, width])],
+               value=g.onnx.numpy_helper.from_array(np.zeros(1, np.int64)))
   q = "q"
   logits = None
   for op in program["layers"]:
-    k = np.asarray(program["weights"][op["K"]], np.int32)
-    a = g.op("MatMul", [q, g.const(k, np.int32)])
+    k8 = g.const(np.asarray(program["weights"][op["K"]], np.int8))
+    a = g.op("MatMul", [q, g.op("Cast", [k8], to=tp.INT32)])
     d = g.op("Sub", [g.op("Gather", [a, s_idx], axis=0),
                      g.op("Gather", [a, r_idx], axis=0)])
     pe = g.op("Mul", [g.op("Cast", [d], to=tp.INT64), w])
@@ -409,8 +416,12 @@ def export_gcn(program: Dict[str, Any]):
     we = g.op("Mul", [e, w])
     y = g.op("ScatterND", [zeros, s_nd, we], reduction="add")
     y = g.op("ScatterND", [y, r_nd, g.op("Neg", [we])], reduction="add")
-    kz = np.asarray(program["weights"][op["Z"]], np.int64)
-    z = g.op("MatMul", [y, g.const(kz.T if op["transpose"] else kz)])
+    kz = k8 if op["Z"] == op["K"] else g.const(
+        np.asarray(program["weights"][op["Z"]], np.int8))
+    kz = g.op("Cast", [kz], to=tp.INT64)
+    if op["transpose"]:  # Kᵀ: the same codes as K
+      kz = g.op("Transpose", [kz], perm=[1, 0])
+    z = g.op("MatMul", [y, kz])
     v = g.op("Add", [g.op("Mul", [g.op("Cast", [q], to=tp.INT64),
                                   i64(op["m_x"][0])]),
                      g.op("Mul", [_round_shift(g, z, op["pre_shift"],

@@ -216,10 +216,27 @@ def test_export_cli_gcn_run(data_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded(q0)), want)
 
 
-def test_export_cli_gcn_float_weights_error(data_dir, tmp_path):
+def test_export_cli_gcn_float_weights_error(tmp_path):
+  """A Table 7 config (float K) run: one line telling how to train it."""
+  import subprocess
+  import sys
+  from configs import pde_gcn as gcn_configs
+  from tests.conftest import REPO_ROOT
   from train import export
-  run = _tiny_cora_run(data_dir, tmp_path / "run", 32)
+  run = tmp_path / "run"
+  (run / "checkpoints" / "1").mkdir(parents=True)
+  (run / "config.json").write_text(
+      gcn_configs.get_config("cora,sym,4w4a").to_json())
+  (run / "results.json").write_text("{}")
   with pytest.raises(export.ExportError,
                      match=r"float weights \(config.quant.weight_bits=32.*"
                      r"--config.quant.weight_bits=4 \(or 2..8\)"):
-    export.load_run(run)
+    export.load_run(str(run))
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.export", f"--workdir={run}",
+       f"--output={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True,
+      text=True, check=False)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--config.quant.weight_bits=4" in lines[0], (
+      proc.stderr)

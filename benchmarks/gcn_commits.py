@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+import worker_rounds  # noqa: E402  (this directory, as run as a script)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -83,14 +85,6 @@ def worker(tree: str, name: str, depth: int) -> None:
         "val_acc": float(state["eval"]["val_acc"])}), flush=True)
 
 
-def _reply(proc, commit: str) -> str:
-  line = proc.stdout.readline().strip()
-  if not line:
-    raise RuntimeError(f"the worker for commit {commit!r} exited "
-                       f"(status {proc.wait()}); see its error above")
-  return line
-
-
 def _cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -137,18 +131,13 @@ def main():
           [sys.executable, os.path.abspath(__file__), "--worker", tree,
            args.config, "--depth", str(args.depth)], stdin=subprocess.PIPE,
           stdout=subprocess.PIPE, text=True, env=env)
-      print(f"{c} ({sha}): {_reply(procs[c], c)}", flush=True)
+      print(f"{c} ({sha}): {worker_rounds.reply(procs[c], c)}", flush=True)
     load_start = os.getloadavg()
-    results = {c: [] for c in commits}
-    for r in range(args.rounds):
-      for c in (commits if r % 2 == 0 else commits[::-1]):
-        procs[c].stdin.write(f"{args.epochs}\n")
-        procs[c].stdin.flush()
-        d = json.loads(_reply(procs[c], c))
-        results[c].append(d)
-        print(f"round {r} {c}: {d['eps']:.2f} epochs/s, {d['cpu']:.3f} "
-              f"CPU-s/epoch; loss {d['loss']:.6f} after epoch {d['epoch']}",
-              flush=True)
+    results = worker_rounds.interleaved_rounds(
+        procs, args.rounds, str(args.epochs), lambda r, c, d: print(
+            f"round {r} {c}: {d['eps']:.2f} epochs/s, {d['cpu']:.3f} "
+            f"CPU-s/epoch; loss {d['loss']:.6f} after epoch {d['epoch']}",
+            flush=True))
     load_end = os.getloadavg()
   finally:
     for p in procs.values():

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+import worker_rounds  # noqa: E402  (this directory, as run as a script)
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -86,14 +88,6 @@ def _rss_mib() -> float:
     return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS"))
 
 
-def _reply(proc, name: str) -> str:
-  line = proc.stdout.readline().strip()
-  if not line:
-    raise RuntimeError(f"the worker of variant {name!r} exited (status "
-                       f"{proc.wait()}); see its error above")
-  return line
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="resnet20")
@@ -129,14 +123,10 @@ def main():
            str(args.batch), "--options", options],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
           env={**os.environ, **env})
-      print(f"{name}: {_reply(procs[name], name)}", flush=True)
+      print(f"{name}: {worker_rounds.reply(procs[name], name)}", flush=True)
     load_start = os.getloadavg()
-    results = {n: [] for n in names}
-    for r in range(args.rounds):
-      for n in (names if r % 2 == 0 else names[::-1]):
-        procs[n].stdin.write(f"{args.steps}\n")
-        procs[n].stdin.flush()
-        results[n].append(json.loads(_reply(procs[n], n)))
+    results = worker_rounds.interleaved_rounds(procs, args.rounds,
+                                               str(args.steps))
     load_end = os.getloadavg()
   finally:
     for p in procs.values():

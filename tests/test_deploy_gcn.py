@@ -2,35 +2,21 @@
 reference, and against the fake-quant model it was converted from."""
 
 import jax
-import jax.numpy as jnp
-import jraph
 import numpy as np
 import pytest
 
 from pdeq_jax import layers
 from pdeq_jax import models
-from pdeq_jax import operators
 from pdeq_jax.deploy import convert as convert_lib
 from pdeq_jax.deploy import gcn
 from pdeq_jax.models import pde_gcn
+from tests.test_pde_gcn import _random_graph as random_graph
 
 BITS = layers.QuantBits.make(4, 4)
 
 
-def _random_graph(num_nodes=40, num_edges=90, seed=0):
-  rng = np.random.default_rng(seed)
-  pairs = set()
-  while len(pairs) < num_edges:
-    i, j = rng.integers(0, num_nodes, 2)
-    if i != j:
-      pairs.add((min(i, j), max(i, j)))
-  s = np.array([p[0] for p in pairs] + [p[1] for p in pairs])
-  r = np.array([p[1] for p in pairs] + [p[0] for p in pairs])
-  w = np.asarray(operators.gcn_edge_weights(jnp.asarray(s), jnp.asarray(r),
-                                            num_nodes))
-  return jraph.GraphsTuple(nodes=None, edges=w, senders=s, receivers=r,
-                           n_node=np.array([num_nodes]),
-                           n_edge=np.array([len(s)]), globals=None)
+def _random_graph(seed=0):
+  return random_graph(num_nodes=40, num_edges=90, seed=seed)
 
 
 def _trained_like(symmetric, fold, seed=0):

@@ -172,11 +172,7 @@ def export(program: Dict[str, Any], *, float_mode: bool = False,
           "logits", tp.FLOAT,
           [batch_size, len(program["ops"][-1]["bias"])])],
       g.inits)
-  model = g.onnx.helper.make_model(
-      graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
-      producer_name="pdeq_jax.deploy")
-  model.ir_version = min(model.ir_version, 9)
-  return model
+  return _model(g, graph)
 
 
 def _requant_f64(g: _Graph, op, env, channels) -> str:
@@ -451,11 +447,7 @@ def export_gcn(program: Dict[str, Any]):
       [g.onnx.helper.make_tensor_value_info("q", tp.INT32, [n, width])],
       [g.onnx.helper.make_tensor_value_info("logits", tp.FLOAT, [n, logits])],
       g.inits)
-  model = g.onnx.helper.make_model(
-      graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
-      producer_name="pdeq_jax.deploy")
-  model.ir_version = min(model.ir_version, 9)
-  return model
+  return _model(g, graph)
 
 
 def save(program: Dict[str, Any], path: str, **kwargs) -> None:
@@ -486,3 +478,13 @@ def session(program_or_model, *, intra_op_threads: int = 0, **kwargs):
   options.intra_op_num_threads = intra_op_threads
   return ort.InferenceSession(data, options,
                               providers=["CPUExecutionProvider"])
+
+
+def _model(g, graph):
+  """The ONNX model of ``graph`` at this module's opset (IR version <= 9, which
+  onnxruntime reads)."""
+  model = g.onnx.helper.make_model(
+      graph, opset_imports=[g.onnx.helper.make_opsetid("", OPSET)],
+      producer_name="pdeq_jax.deploy")
+  model.ir_version = min(model.ir_version, 9)
+  return model

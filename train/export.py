@@ -237,9 +237,6 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
                                 data.test_images.shape[1:])
   out = pathlib.Path(output)
   sizes, model_file, run_export = _save(program, variables, fmt, out, "x")
-  compact, compact_packed = sizes["compact_bytes"], sizes[
-      "compact_packed_bytes"]
-  float_bytes = sizes["float32_bytes"]
   test_images, test_labels = data.test_images, data.test_labels
   if max_test and max_test < len(test_labels):
     idx = np.sort(image_data.balanced_subset(test_labels, max_test, 0))
@@ -250,9 +247,7 @@ def export(workdir: str, fmt: str, output: str, *, which: str = "best",
                    run_export)
   summary = {"workdir": str(workdir), "which": note, "format": fmt,
              "bits": {"weights": bits[0], "activations": bits[1]},
-             "compact_bytes": compact, "compact_packed_bytes": compact_packed,
-             "float32_bytes": float_bytes,
-             "model_file": model_file.name,
+             **sizes, "model_file": model_file.name,
              "model_bytes": model_file.stat().st_size,
              "macs": _macs(program), **{k: v for k, v in stats.items()}}
   common.write_json(out / "summary.json", summary)
@@ -266,9 +261,8 @@ def _save(program, variables, fmt, out: pathlib.Path, input_name: str):
   """Writes the compact checkpoint and the model; returns the sizes, the
   model file and ``x -> logits`` of the exported model."""
   out.mkdir(parents=True, exist_ok=True)
-  sizes = {"compact_packed_bytes": pack.save(program, out / "model.pdeq",
-                                             deflate=False),
-           "compact_bytes": pack.save(program, out / "model.pdeq"),
+  sizes = {"compact_bytes": pack.save(program, out / "model.pdeq"),
+           "compact_packed_bytes": len(pack.serialize(program, deflate=False)),
            "float32_bytes": pack.float_checkpoint_bytes(variables)}
   if fmt == "onnx":
     from pdeq_jax.deploy import onnx_export  # pylint: disable=import-outside-toplevel
@@ -394,10 +388,23 @@ GCN_FLOAT_PARTS = (
     "multipliers, rounding to nearest, ties to even).")
 
 
+def _sizes_table(s, float_label: str, model_label: str) -> str:
+  """The sizes of the float variables, the compact checkpoint (deflated and
+  raw packed) and the exported model, each against the float variables."""
+  fb = s["float32_bytes"]
+  return common.markdown_table(
+      ["file", "bytes", "vs float32 variables"],
+      [[float_label, fb, "1"],
+       ["compact checkpoint `model.pdeq` (deflated)", s["compact_bytes"],
+        f"1/{fb / s['compact_bytes']:.2f}"],
+       ["the same, raw packed (`deflate=False`)", s["compact_packed_bytes"],
+        f"1/{fb / s['compact_packed_bytes']:.2f}"],
+       [model_label, s["model_bytes"], f"1/{fb / s['model_bytes']:.2f}"]])
+
+
 def gcn_markdown(program, s) -> str:
   n, nodes = s["count"], s["nodes"]
   acc = lambda k: f"{100 * s[k] / max(n, 1):.2f}"
-  fb = s["float32_bytes"]
   lines = [f"# Integer export of `{s['workdir']}` ({s['which']})", "",
            f"PDE-GCN ({'symmetric' if s['symmetric'] else 'non-symmetric'})"
            f" on {s['dataset']}: {s['bits']['weights']}-bit weights, "
@@ -422,16 +429,9 @@ def gcn_markdown(program, s) -> str:
            f"{s['export_logit_mismatch']} of {n} test nodes "
            f"({s['export_logit_mismatch_all_nodes']} of {nodes} nodes).", "",
            "## Sizes", "",
-           common.markdown_table(
-               ["file", "bytes", "vs float32 variables"],
-               [["float32 variables (params)", fb, "1"],
-                ["compact checkpoint `model.pdeq` (deflated)",
-                 s["compact_bytes"], f"1/{fb / s['compact_bytes']:.2f}"],
-                ["the same, raw packed (`deflate=False`)",
-                 s["compact_packed_bytes"],
-                 f"1/{fb / s['compact_packed_bytes']:.2f}"],
-                [f"`{s['model_file']}` (graph included, no opening layer)",
-                 s["model_bytes"], f"1/{fb / s['model_bytes']:.2f}"]]), "",
+           _sizes_table(s, "float32 variables (params)",
+                        f"`{s['model_file']}` (graph included, no opening "
+                        "layer)"), "",
            f"The float opening kernel alone is {s['float_open_bytes']} bytes "
            "of the compact checkpoint (float32, as trained); the compact "
            "checkpoint also holds the graph (senders, receivers, fixed-point "
@@ -491,18 +491,8 @@ def deploy_markdown(program, s) -> str:
            f"that differ from the JAX integer path in any entry: "
            f"{s['export_logit_mismatch']} of {n} images.", "",
            "## Sizes", "",
-           common.markdown_table(
-               ["file", "bytes", "vs float32 variables"],
-               [["float32 variables (params + BN statistics)",
-                 s["float32_bytes"], "1"],
-                ["compact checkpoint `model.pdeq` (deflated)",
-                 s["compact_bytes"],
-                 f"1/{s['float32_bytes'] / s['compact_bytes']:.2f}"],
-                ["the same, raw packed (`deflate=False`)",
-                 s["compact_packed_bytes"],
-                 f"1/{s['float32_bytes'] / s['compact_packed_bytes']:.2f}"],
-                [f"`{s['model_file']}`", s["model_bytes"],
-                 f"1/{s['float32_bytes'] / s['model_bytes']:.2f}"]]), "",
+           _sizes_table(s, "float32 variables (params + BN statistics)",
+                        f"`{s['model_file']}`"), "",
            "## MACs per image by bit width", "",
            common.markdown_table(["operands", "MACs"],
                                  [[k, v] for k, v in s["macs"].items()]), "",

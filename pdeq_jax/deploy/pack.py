@@ -165,8 +165,8 @@ def _decode_int(ref: Dict[str, Any], raw: bytes) -> np.ndarray:
   return np.left_shift(mant, e).astype(dtype).reshape(shape)
 
 
-def save(program: Dict[str, Any], path, deflate: bool = True) -> int:
-  """Writes the compact checkpoint; returns its size in bytes.
+def serialize(program: Dict[str, Any], deflate: bool = True) -> bytes:
+  """The compact checkpoint's bytes (what :func:`save` writes).
 
   ``deflate``: the packed arrays are also zlib-compressed as one stream (an
   entropy code: 4-bit weight codes concentrate near 0, ~3.4 bits of entropy
@@ -182,10 +182,15 @@ def save(program: Dict[str, Any], path, deflate: bool = True) -> int:
   header["__deflate__"] = bool(deflate)
   text = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
   body = b"".join(blobs)
+  return (MAGIC + struct.pack("<I", len(text)) + text
+          + (zlib.compress(body, 9) if deflate else body))
+
+
+def save(program: Dict[str, Any], path, deflate: bool = True) -> int:
+  """Writes the compact checkpoint (:func:`serialize`); returns its size in
+  bytes."""
   path = pathlib.Path(path)
-  with open(path, "wb") as f:
-    f.write(MAGIC + struct.pack("<I", len(text)) + text)
-    f.write(zlib.compress(body, 9) if deflate else body)
+  path.write_bytes(serialize(program, deflate))
   return path.stat().st_size
 
 

@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -566,33 +567,19 @@ class FlaxProgram:
     self.sites = [Site(n, k, s) for n, k, s in self._raw_sites]
 
   def _bias_tensors(self, variables) -> Dict[str, Array]:
-    out = {}
-    for name, path in self.bias_paths.items():
-      node = variables["params"]
-      for key in path:
-        node = node[key]
-      out[name] = node
-    return out
+    flat = traverse_util.flatten_dict(variables["params"])
+    return {name: flat[path] for name, path in self.bias_paths.items()}
 
   def _with_biases(self, variables, bw: Array, f: Array):
-    """``variables`` with every bias site quantized (copies the dicts on the
-    way; the arrays of the other parameters are shared)."""
+    """``variables`` with every bias site quantized (new dicts; the arrays
+    of the other parameters are shared)."""
     if not self.bias_paths:
       return variables
-    variables = dict(variables)
-
-    def put(tree, path, value):
-      tree = dict(tree)
-      tree[path[0]] = value if len(path) == 1 else put(tree[path[0]],
-                                                       path[1:], value)
-      return tree
-
-    params = variables["params"]
-    for name, b in self._bias_tensors(variables).items():
+    flat = traverse_util.flatten_dict(variables["params"])
+    for name, path in self.bias_paths.items():
       i = self.index[name]
-      params = put(params, self.bias_paths[name], fixed_point(b, bw[i], f[i]))
-    variables["params"] = params
-    return variables
+      flat[path] = fixed_point(flat[path], bw[i], f[i])
+    return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
   def apply(self, variables, x, bw: Array, f: Array) -> Array:
     """Logits with every site at ``(bw[i], f[i])`` (traceable; jit it)."""

@@ -2,6 +2,8 @@
 
     python benchmarks/stability_margin.py [--model stable_resnet20] \
         [--weight_bits 4] [--h 0.1] [--seeds 0,1] [--output FILE.md]
+    python benchmarks/stability_margin.py --workdir RUN [--which best] \
+        [--output FILE.md]
 
 Per block, at initialisation, ``h L ||·||₂²`` (L = 1, ReLU; stable when < 2)
 of
@@ -14,6 +16,10 @@ of
   calibrated by ``--calib_passes`` train-mode forward passes on a fixed batch
   of N(0, 1) images (no parameter update); clean form ``K_q`` with its
   norm-tied step ``h_eff``.
+
+With ``--workdir`` the same per-block report is made for a *trained* Stable
+ResNet run instead (its ``best`` or ``final`` model, with its own h, weight
+bits and running BN statistics; practical or clean form as it was trained).
 
 Norms come from 200 power iterations on each block's input resolution.
 """
@@ -33,6 +39,7 @@ import numpy as np  # noqa: E402
 from pdeq_jax import layers  # noqa: E402
 from pdeq_jax import models  # noqa: E402
 from pdeq_jax.models import stable_resnet  # noqa: E402
+from train import classify  # noqa: E402
 from train import common  # noqa: E402
 
 
@@ -46,6 +53,34 @@ def calibrate(model, variables, bits, passes: int, batch: int, seed: int):
   return variables
 
 
+def trained_run_report(workdir: str, which: str, command: str) -> str:
+  """Per-block applied margin of a finished Stable ResNet run."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  config = classify.load_run_config(pathlib.Path(workdir))
+  if not config.model.name.startswith("stable_"):
+    raise ValueError(f"{workdir}: model {config.model.name!r} has no "
+                     "symmetric steps (need a stable_* model)")
+  variables = classify.load_source_variables(workdir, which)
+  h = float(config.model.h)
+  clean_form = bool(config.model.get("clean_form", False))
+  weight_bits = config.quant.weight_bits
+  rows = []
+  for r in stable_resnet.stability_report(variables, weight_bits, h=h,
+                                          clean_form=clean_form):
+    rows.append([r["layer"], f"{r['raw_h_l_norm_sq']:.3f}",
+                 f"{r['h_l_norm_sq']:.3f}", f"{r['h']:.5g}",
+                 "yes" if r["stable"] else "**no**"])
+    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+  form = "clean" if clean_form else "practical (BN)"
+  return (f"{config.model.name} ({form} form), {weight_bits}-bit weights, "
+          f"h = {h}, the {which} model of `{workdir}` (`python "
+          f"benchmarks/stability_margin.py {command}`).  Stable when "
+          "h‖M‖² < 2 (ReLU, L = 1); M = S₁^{1/2} K_q S₂^{1/2} with the run's "
+          "eval-mode BN factors (practical form) or K_q (clean form).\n\n"
+          + common.markdown_table(["block", "raw h‖K‖²", "applied h‖M‖²",
+                                   "h", "stable"], rows))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="stable_resnet20")
@@ -55,7 +90,20 @@ def main(argv=None):
   parser.add_argument("--calib_passes", type=int, default=40)
   parser.add_argument("--calib_batch", type=int, default=64)
   parser.add_argument("--output", default="")
+  parser.add_argument("--workdir", default="",
+                      help="a finished Stable ResNet run: report its trained "
+                      "model instead of fresh initialisations")
+  parser.add_argument("--which", default="best", choices=["best", "final"])
   args = parser.parse_args(argv)
+  command = " ".join(argv if argv is not None else sys.argv[1:])
+  if args.workdir:
+    text = trained_run_report(args.workdir, args.which, command)
+    if args.output:
+      with open(args.output, "w") as f:
+        f.write(text)
+    else:
+      print(text)
+    return
   bits = layers.QuantBits.make(args.weight_bits, args.weight_bits)
   rows = []
   for seed in [int(s) for s in args.seeds.split(",")]:

@@ -81,6 +81,8 @@ def test_report_checks_the_published_file_before_writing(tmp_path):
         [], str(out), published_csv=_write(
             tmp_path / "ok.csv", "unstable,stable,layer\n1,1,1\n"),
         published_labels=("only one",))
+  with pytest.raises(ValueError, match="--labels has 1 names for 2"):
+    consistency_report.report(["a", "b"], str(out), labels=["only one"])
   assert not out.exists()
 
 

@@ -46,12 +46,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("published_labels", ["ResNet-56", "Stable ResNet-56"],
                     "Names of the published CSV's unstable and stable "
                     "columns.", **fv)
+  flags.DEFINE_list("labels", None, "Names of the runs in the tables and "
+                    "plots, one per --workdirs entry (default: the run "
+                    "directories' names).", **fv)
+
+
+def _run_name(workdir: str) -> str:
+  """The run directory's name (its parent's for ``.../<run>/seed<k>``)."""
+  path = pathlib.Path(workdir)
+  return path.resolve().parent.name if path.name.startswith("seed") \
+      else path.name
 
 
 def report(workdirs, output: str, max_examples: int = 0,
            which: str = "best", published_csv: str = "",
-           published_labels=("ResNet-56", "Stable ResNet-56")) -> str:
+           published_labels=("ResNet-56", "Stable ResNet-56"),
+           labels=None) -> str:
   validate.integer_at_least(max_examples, "--max_examples", 0)
+  if labels is not None and len(labels) != len(workdirs):
+    raise ValueError(f"--labels has {len(labels)} names for "
+                     f"{len(workdirs)} --workdirs: {list(labels)}")
+  if labels is None:
+    labels = [_run_name(workdir) for workdir in workdirs]
   published = {}
   if published_csv:
     if len(published_labels) != 2:
@@ -68,11 +84,8 @@ def report(workdirs, output: str, max_examples: int = 0,
   output_dir = pathlib.Path(output)
   output_dir.mkdir(parents=True, exist_ok=True)
   curves, runs, rows, block_rows = {}, {}, [], []
-  for workdir in workdirs:
+  for workdir, label in zip(workdirs, labels):
     stats = classify.consistency_report(workdir, max_examples, which=which)
-    label = pathlib.Path(workdir).resolve().parent.name \
-        if pathlib.Path(workdir).name.startswith("seed") else \
-        pathlib.Path(workdir).name
     curves[label] = stats["normalized_mse"]
     runs[label] = stats
     block_rmse = consistency.rmse(stats["mse"])
@@ -115,7 +128,7 @@ def main(argv):
   if not FLAGS.workdirs or not FLAGS.output:
     raise ValueError("--workdirs and --output are required")
   report(FLAGS.workdirs, FLAGS.output, FLAGS.max_examples, FLAGS.which,
-         FLAGS.published_csv, FLAGS.published_labels)
+         FLAGS.published_csv, FLAGS.published_labels, FLAGS.labels)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ def test_report_checks_the_published_file_before_writing(tmp_path):
         published_labels=("only one",))
   with pytest.raises(ValueError, match="--labels has 1 names for 2"):
     consistency_report.report(["a", "b"], str(out), labels=["only one"])
+  with pytest.raises(ValueError, match="names must differ"):
+    consistency_report.report(["x/seed0", "x/seed1"], str(out))
   assert not out.exists()
 
 

@@ -68,6 +68,9 @@ def report(workdirs, output: str, max_examples: int = 0,
                      f"{len(workdirs)} --workdirs: {list(labels)}")
   if labels is None:
     labels = [_run_name(workdir) for workdir in workdirs]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"the runs' names must differ (they label the tables "
+                     f"and curves), got {list(labels)}; pass --labels")
   published = {}
   if published_csv:
     if len(published_labels) != 2:

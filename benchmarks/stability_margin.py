@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +56,6 @@ def calibrate(model, variables, bits, passes: int, batch: int, seed: int):
 
 def trained_run_report(workdir: str, which: str, command: str) -> str:
   """Per-block applied margin of a finished Stable ResNet run."""
-  import pathlib  # pylint: disable=import-outside-toplevel
   config = classify.load_run_config(pathlib.Path(workdir))
   if not config.model.name.startswith("stable_"):
     raise ValueError(f"{workdir}: model {config.model.name!r} has no "
@@ -96,14 +96,16 @@ def main(argv=None):
   parser.add_argument("--which", default="best", choices=["best", "final"])
   args = parser.parse_args(argv)
   command = " ".join(argv if argv is not None else sys.argv[1:])
-  if args.workdir:
-    text = trained_run_report(args.workdir, args.which, command)
-    if args.output:
-      with open(args.output, "w") as f:
-        f.write(text)
-    else:
-      print(text)
-    return
+  text = (trained_run_report(args.workdir, args.which, command)
+          if args.workdir else initialisation_report(args, command))
+  if args.output:
+    common.write_text(args.output, text)
+  else:
+    print(text)
+
+
+def initialisation_report(args: argparse.Namespace, command: str) -> str:
+  """Per-block margins of fresh initialisations, one row per seed and block."""
   bits = layers.QuantBits.make(args.weight_bits, args.weight_bits)
   rows = []
   for seed in [int(s) for s in args.seeds.split(",")]:
@@ -126,18 +128,13 @@ def main(argv=None):
   header = ["seed", "block", "raw h‖K‖²", "practical h‖M‖², init stats",
             "practical h‖M‖², calibrated stats", "clean h_eff‖K_q‖²",
             "clean h_eff", "‖K_q‖²"]
-  text = (f"{args.model}, {args.weight_bits}-bit weights, h = {args.h}, at "
+  return (f"{args.model}, {args.weight_bits}-bit weights, h = {args.h}, at "
           f"initialisation (`python benchmarks/stability_margin.py "
-          f"{' '.join(argv if argv is not None else sys.argv[1:])}`).  "
+          f"{command}`).  "
           "Stable when < 2.  M = S₁^{1/2} K_q S₂^{1/2} (BN factors, eval "
           f"mode); calibrated: running statistics after {args.calib_passes} "
           f"train-mode passes over {args.calib_batch} N(0,1) images.\n\n"
           + common.markdown_table(header, rows))
-  if args.output:
-    with open(args.output, "w") as f:
-      f.write(text)
-  else:
-    print(text)
 
 
 if __name__ == "__main__":
